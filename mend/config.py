@@ -1,0 +1,143 @@
+"""Typed configs: YAML files plus ``key=value`` overrides (omegaconf dotlist), validated against dataclasses.
+
+``model=X``, ``editor=X`` and ``data=X`` name a group; they are shorthand for ``model.name=X`` (etc.), so that
+``editor=ft editor.lr=1e-3`` works. Per-model defaults live in ``configs/model/*.yaml`` (layers, not module
+paths); per-editor defaults in ``configs/editor/<name>.yaml``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from mend.errors import ConfigError
+from mend.paths import config_dir
+
+GROUP_KEYS = ("model", "editor", "data")
+
+
+@dataclass
+class ModelSection:
+    name: str = "smollm2-135m"
+    dtype: str = "float32"
+    device: str = "cpu"
+
+
+@dataclass
+class ModelFile:
+    """Schema of ``configs/model/*.yaml``."""
+
+    family: str  # the HF model_type the file is written for (llama, gpt2, gptj, gemma3_text, t5)
+    match: list[str] = field(default_factory=list)  # aliases / HF ids this file applies to
+    family_default: bool = False  # use for any model of this family that no file matches
+    description: str = ""
+    n_layers: int | None = None
+    editors: dict[str, Any] = field(default_factory=dict)  # editor name -> defaults for this model
+
+
+def _rewrite(arg: str) -> str:
+    key, _, value = arg.partition("=")
+    key = key.strip()
+    return f"{key}.name={value}" if key in GROUP_KEYS else f"{key}={value}"
+
+
+def parse_overrides(argv: list[str]) -> tuple[Path | None, list[str]]:
+    """Split argv into an optional YAML config path (first positional argument) and dotlist overrides."""
+    path, dotlist = None, []
+    for i, arg in enumerate(argv):
+        if "=" in arg:
+            dotlist.append(_rewrite(arg))
+        elif i == 0 and arg.endswith((".yaml", ".yml")):
+            path = Path(arg)
+        else:
+            raise ConfigError(f"unexpected argument '{arg}': give an optional config.yaml first, then key=value pairs")
+    return path, dotlist
+
+
+def load_yaml(path: Path) -> DictConfig:
+    try:
+        cfg = OmegaConf.load(path)
+    except FileNotFoundError as e:
+        raise ConfigError(f"config file not found: {path}") from e
+    except Exception as e:  # YAML syntax errors come from several libraries
+        raise ConfigError(f"cannot parse config file {path}: {str(e).splitlines()[0]}") from e
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"config file {path} must hold a mapping")
+    for key in GROUP_KEYS:  # `editor: ft` in a file means `editor: {name: ft}`
+        if isinstance(cfg.get(key), str):
+            cfg[key] = {"name": cfg[key]}
+    return cfg
+
+
+def build_config(schema: type, argv: list[str], text_keys: tuple[str, ...] = ()) -> DictConfig:
+    """Schema defaults, then the YAML file, then the overrides; type errors become ConfigError.
+
+    Values of ``text_keys`` (free text such as prompts), values with surrounding spaces and values that are not
+    valid YAML are taken verbatim: YAML would read ``{} is in`` as a mapping and strip the space of `` Rome``.
+    """
+    path, dotlist = parse_overrides(argv)
+    try:
+        cfg = OmegaConf.structured(schema)
+        if path is not None:
+            cfg = OmegaConf.merge(cfg, load_yaml(path))
+        for item in dotlist:
+            key, _, raw = item.partition("=")
+            OmegaConf.update(cfg, key, _value(key, raw, text_keys), merge=True, force_add=False)
+    except OmegaConfBaseException as e:
+        raise ConfigError(omega_message(e)) from e
+    return cfg
+
+
+def _value(key: str, raw: str, text_keys: tuple[str, ...]) -> Any:
+    if key in text_keys or raw != raw.strip():
+        return raw
+    try:
+        return OmegaConf.from_dotlist([f"v={raw}"])["v"]
+    except Exception:  # not YAML: keep the text
+        return raw
+
+
+def omega_message(e: OmegaConfBaseException) -> str:
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    msg = lines[0] if lines else type(e).__name__
+    key = getattr(e, "full_key", None)
+    return f"{msg} (key: {key})" if key and str(key) not in msg else msg
+
+
+def model_files() -> dict[Path, ModelFile]:
+    """Every model config file, validated."""
+    out = {}
+    for path in sorted((config_dir() / "model").glob("*.yaml")):
+        try:
+            out[path] = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelFile), OmegaConf.load(path)))
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{path}: {omega_message(e)}") from e
+    return out
+
+
+def model_file_for(name: str, model_type: str | None) -> ModelFile | None:
+    """The model config that matches ``name`` (alias / HF id / path stem), else its family's default."""
+    files = model_files()
+    stem = Path(name).name
+    for path, mf in files.items():
+        if name in mf.match or stem in mf.match or path.stem == name:
+            return mf
+    for mf in files.values():
+        if mf.family_default and mf.family == model_type:
+            return mf
+    return None
+
+
+def editor_defaults(name: str) -> DictConfig | None:
+    path = config_dir() / "editor" / f"{name}.yaml"
+    return OmegaConf.load(path) if path.exists() else None
+
+
+def editor_layers(editor: str, model_name: str, model_type: str | None, user: dict[str, Any]) -> list[Any]:
+    """Config layers for an editor, lowest priority first: editor file, model file, user overrides."""
+    mf = model_file_for(model_name, model_type)
+    return [editor_defaults(editor), (mf.editors.get(editor) if mf else None), user]

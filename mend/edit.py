@@ -1,0 +1,187 @@
+"""python -m mend.edit: apply one editor to a model for inline or file requests; print before / after."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from mend.cli import run
+from mend.config import ModelSection, build_config, editor_layers
+from mend.editor import apply_edit, create_editor, editor_class
+from mend.errors import ConfigError
+from mend.io import write_json
+from mend.models import load_model
+from mend.requests import EditRequest, load_requests, make_request
+from mend.scoring import encode_pair, greedy_ids, greedy_text, score_targets
+
+USAGE = """
+usage: python -m mend.edit [config.yaml] [key=value ...]
+
+Apply one editor to a model and print the target probabilities and a greedy continuation before and after.
+
+  model=NAME            alias (smollm2-135m, tiny-gpt2, ...), local path or Hugging Face id [smollm2-135m]
+  editor=NAME           ft, rome, r-rome, memit, emmet, alphaedit, mend, ... [ft]
+  editor.KEY=VALUE      editor settings (e.g. editor.layers=[6] editor.lr=1e-3)
+  prompt=TEXT           prompt with {} where the subject goes, e.g. "{} is located in the city of"
+  subject=TEXT          the subject, e.g. "The Eiffel Tower"
+  target=TEXT           the new target, e.g. " Rome" (a leading space is added when missing)
+  target_true=TEXT      the current target; default: the model's greedy continuation of the same length
+  requests=PATH         requests from a JSON / JSONL file instead (fields prompt, subject, target_new, ...)
+  mode=batch|sequential all requests in one edit, or one edit after another [batch]
+  json=PATH             write the figures as JSON
+  save=DIR              write the edited model (save_pretrained) and its tokenizer
+  seed=N                random seed [0]
+  max_new_tokens=N      length of the greedy continuations [12]
+
+example:
+  python -m mend.edit editor=ft prompt="{} is located in the city of" subject="The Eiffel Tower" target=" Rome"
+"""
+
+
+TEXT_KEYS = ("prompt", "subject", "target", "target_true", "requests", "json", "save")
+
+
+@dataclass
+class EditCommand:
+    model: ModelSection = field(default_factory=ModelSection)
+    editor: dict[str, Any] = field(default_factory=lambda: {"name": "ft"})
+    prompt: str | None = None
+    subject: str | None = None
+    target: str | None = None
+    target_true: str | None = None
+    requests: str | None = None
+    mode: str = "batch"
+    json: str | None = None
+    save: str | None = None
+    seed: int = 0
+    max_new_tokens: int = 12
+
+
+def read_requests(cfg: Any) -> list[EditRequest]:
+    """Requests from ``requests=PATH`` or the inline keys (not both)."""
+    inline = {k: cfg[k] for k in ("prompt", "subject", "target", "target_true") if cfg[k] is not None}
+    if cfg.requests is not None:
+        if inline:
+            raise ConfigError(f"give either requests=PATH or inline {'/'.join(inline)}, not both")
+        return load_requests(cfg.requests)
+    missing = [k for k in ("prompt", "subject", "target") if k not in inline]
+    if missing:
+        raise ConfigError(f"missing {', '.join(missing)}: give prompt=, subject= and target= (or requests=PATH)")
+    target = inline["target"]
+    true = inline.get("target_true")
+    return [make_request(inline["prompt"], inline["subject"], _lead(target), _lead(true) if true else None)]
+
+
+def _lead(t: Any) -> Any:
+    return t if not isinstance(t, str) or t.startswith(" ") or not t.strip() else " " + t
+
+
+def with_true_targets(model: PreTrainedModel, tok: PreTrainedTokenizerBase, reqs: list[EditRequest]) -> list[EditRequest]:
+    """Fill a missing ``target_true`` with the unedited model's greedy continuation of the target's length."""
+    enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
+    out = []
+    for r in reqs:
+        if r.target_true is None:
+            n = len(encode_pair(tok, r.text, r.target_new, enc_dec)[1])
+            text = tok.decode(greedy_ids(model, tok, r.text, n))
+            r = replace(r, target_true=text if text.strip() else None)
+        out.append(r)
+    return out
+
+
+def measure(model: PreTrainedModel, tok: PreTrainedTokenizerBase, reqs: list[EditRequest], n_new: int) -> list[dict]:
+    """P(target_new), P(target_true) (whole-string products) and a greedy continuation per request."""
+    news = score_targets(model, tok, [r.text for r in reqs], [r.target_new for r in reqs])
+    with_true = [r for r in reqs if r.target_true]
+    trues = iter(score_targets(model, tok, [r.text for r in with_true], [r.target_true for r in with_true]))
+    rows = []
+    for r, new in zip(reqs, news):
+        true = next(trues).prob if r.target_true else None
+        rows.append({"p_new": new.prob, "p_true": true, "generation": greedy_text(model, tok, r.text, n_new)})
+    return rows
+
+
+def save_model(model: PreTrainedModel, tok: PreTrainedTokenizerBase, out: str) -> Path:
+    """save_pretrained into a temporary folder beside ``out``, then move it into place."""
+    out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_path.parent, prefix=f".{out_path.name}."))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if out_path.exists():
+            old = out_path.with_name(f".{out_path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out_path.rename(old)
+            tmp.rename(out_path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out_path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_path
+
+
+def main(argv: list[str]) -> int:
+    cfg = build_config(EditCommand, argv, text_keys=TEXT_KEYS)
+    if cfg.mode not in ("batch", "sequential"):
+        raise ConfigError(f"mode must be batch or sequential for mend.edit, got '{cfg.mode}'")
+    reqs = read_requests(cfg)
+    user = OmegaConf.to_container(cfg.editor, resolve=True)
+    name = user.pop("name")
+    editor_class(name)  # fail on an unknown editor before loading the model
+    torch.manual_seed(cfg.seed)
+    model, tok = load_model(cfg.model.name, getattr(torch, cfg.model.dtype), cfg.model.device)
+    from mend.adapters import get_adapter
+
+    get_adapter(model)  # fail on an unsupported architecture before any work
+    editor = create_editor(name, *editor_layers(name, cfg.model.name, model.config.model_type, user))
+    reqs = with_true_targets(model, tok, reqs)
+    before = measure(model, tok, reqs, cfg.max_new_tokens)
+    seconds = 0.0
+    for chunk in ([reqs] if cfg.mode == "batch" else [[r] for r in reqs]):
+        t0 = time.perf_counter()
+        result = editor.edit(model, tok, chunk)
+        seconds += time.perf_counter() - t0
+        apply_edit(model, result)
+    after = measure(model, tok, reqs, cfg.max_new_tokens)
+    report = {"model": cfg.model.name, "editor": name, "seconds": round(seconds, 4), "requests": []}
+    for r, b, a in zip(reqs, before, after):
+        report["requests"].append({
+            "prompt": r.prompt, "subject": r.subject, "target_new": r.target_new, "target_true": r.target_true,
+            "p_new_before": b["p_new"], "p_new_after": a["p_new"],
+            "p_true_before": b["p_true"], "p_true_after": a["p_true"],
+            "generation_before": b["generation"], "generation_after": a["generation"],
+        })
+    print_report(report)
+    if cfg.json:
+        write_json(cfg.json, report)
+        print(f"figures written to {cfg.json}")
+    if cfg.save:
+        print(f"edited model saved to {save_model(model, tok, cfg.save)}")
+    return 0
+
+
+def print_report(report: dict) -> None:
+    n = len(report["requests"])
+    print(f"model {report['model']} | editor {report['editor']} | {n} request{'s' * (n != 1)} | "
+          f"edit {report['seconds']:.2f} s")
+    for i, r in enumerate(report["requests"]):
+        print(f"[{i}] {r['prompt'].replace('{}', r['subject'])}")
+        print(f"    P(new  {r['target_new']!r}): {r['p_new_before']:.4f} -> {r['p_new_after']:.4f}")
+        if r["target_true"] is not None:
+            print(f"    P(true {r['target_true']!r}): {r['p_true_before']:.4f} -> {r['p_true_after']:.4f}")
+        print(f"    before: {r['generation_before']!r}")
+        print(f"    after:  {r['generation_after']!r}")
+
+
+if __name__ == "__main__":
+    run(main, USAGE)

@@ -1,0 +1,164 @@
+"""The Editor contract shared by learned and closed-form editors, their registry, and exact apply / restore."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from mend.adapters import ModelAdapter, WeightRef, get_adapter
+from mend.errors import ConfigError, MendError
+from mend.io import atomic_write
+from mend.requests import EditRequest
+
+
+@dataclass
+class EditResult:
+    """Weight deltas in the ``(d_out, d_in)`` convention, keyed by the weight they change, plus diagnostics."""
+
+    deltas: dict[WeightRef, torch.Tensor]
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def save(self, path: str | Path) -> Path:
+        """Write the deltas as safetensors; the weight references travel in the metadata (JSON)."""
+        from safetensors.torch import save_file
+
+        tensors = {ref.param: d.detach().contiguous().cpu() for ref, d in self.deltas.items()}
+        refs = [dict(vars(ref)) for ref in self.deltas]
+        meta = {"refs": json.dumps(refs), "diagnostics": json.dumps(self.diagnostics, default=str)}
+        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+    @classmethod
+    def load(cls, path: str | Path) -> EditResult:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+            refs = [WeightRef(**r) for r in json.loads(meta["refs"])]
+            deltas = {ref: f.get_tensor(ref.param) for ref in refs}
+        return cls(deltas, json.loads(meta.get("diagnostics", "{}")))
+
+
+class AppliedEdit:
+    """Handle returned by :func:`apply_edit`; ``restore()`` puts back the original weights bit for bit."""
+
+    def __init__(self, originals: dict[str, tuple[torch.nn.Parameter, torch.Tensor]]):
+        self._originals = originals
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for param, saved in self._originals.values():
+            param.copy_(saved)
+        self._originals = {}
+
+
+@torch.no_grad()
+def apply_edit(model: PreTrainedModel, result: EditResult, adapter: ModelAdapter | None = None) -> AppliedEdit:
+    """Add the deltas to the model's weights in place (in the parameters' dtype and layout)."""
+    adapter = adapter or get_adapter(model)
+    originals: dict[str, tuple[torch.nn.Parameter, torch.Tensor]] = {}
+    for ref, delta in result.deltas.items():
+        param = adapter.parameter(ref)
+        stored = adapter.to_stored(ref, delta)
+        if stored.shape != param.shape:
+            raise MendError(f"delta for {ref.param} has shape {tuple(delta.shape)}, weight is {tuple(param.shape)}")
+        if ref.param not in originals:
+            originals[ref.param] = (param, param.detach().clone())
+        param.add_(stored.to(device=param.device, dtype=param.dtype))
+    return AppliedEdit(originals)
+
+
+@contextlib.contextmanager
+def edited(model: PreTrainedModel, result: EditResult) -> Iterator[PreTrainedModel]:
+    """Apply ``result`` for the duration of the block; always restore afterwards."""
+    handle = apply_edit(model, result)
+    try:
+        yield model
+    finally:
+        handle.restore()
+
+
+class Editor(ABC):
+    """Every editor: configured by a dataclass, ``edit`` returns deltas without changing the model.
+
+    Editors may hold state across calls (e.g. keys of earlier edits in sequential use); ``reset`` clears it.
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+
+    def __init__(self, config: Any = None):
+        self.config = config if config is not None else self.Config()
+
+    @abstractmethod
+    def edit(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, requests: list[EditRequest]
+    ) -> EditResult:
+        """Compute the weight deltas that make ``model`` satisfy ``requests``."""
+
+    def reset(self) -> None:  # noqa: B027  (optional hook)
+        """Forget state kept across edits."""
+
+
+# name -> "module:Class"; imported on first use so that mend never imports locate_edit directly
+_BUILTIN: dict[str, str] = {
+    "ft": "mend.editors.ft:FTEditor",
+}
+_REGISTRY: dict[str, type[Editor]] = {}
+
+
+def register_editor(cls: type[Editor]) -> type[Editor]:
+    """Class decorator: make an editor available by its ``name``."""
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_editors() -> list[str]:
+    return sorted({*_BUILTIN, *_REGISTRY})
+
+
+def editor_class(name: str) -> type[Editor]:
+    if name not in _REGISTRY and name in _BUILTIN:
+        module, cls = _BUILTIN[name].split(":")
+        _REGISTRY[name] = getattr(importlib.import_module(module), cls)
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown editor '{name}'; available: {', '.join(available_editors())}")
+    return _REGISTRY[name]
+
+
+def build_editor_config(name: str, *layers: Any) -> Any:
+    """Merge config layers (dicts / DictConfigs, later wins) onto the editor's typed schema; validate."""
+    klass = editor_class(name)
+    assert is_dataclass(klass.Config)
+    try:
+        cfg = OmegaConf.structured(klass.Config)
+        for layer in layers:
+            if layer:
+                cfg = OmegaConf.merge(cfg, layer)
+        obj = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"editor '{name}': {_omega_msg(e)}") from e
+    return obj
+
+
+def create_editor(name: str, *layers: Any) -> Editor:
+    return editor_class(name)(build_editor_config(name, *layers))
+
+
+def config_keys(config_cls: type) -> list[str]:
+    return [f.name for f in fields(config_cls)]
+
+
+def _omega_msg(e: OmegaConfBaseException) -> str:
+    return str(e).strip().splitlines()[0]

@@ -1,0 +1,30 @@
+"""Where the project reads and writes: cache, configs, data. Environment variables override defaults."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def cache_dir() -> Path:
+    """Root of caches (converted models, statistics): $MEND_CACHE_DIR, else $XDG_CACHE_HOME/mend, else ~/.cache/mend."""
+    env = os.environ.get("MEND_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "mend"
+
+
+def config_dir() -> Path:
+    """The YAML config tree: $MEND_CONFIG_DIR, else configs/ beside the package."""
+    env = os.environ.get("MEND_CONFIG_DIR")
+    return Path(env).expanduser() if env else REPO_ROOT / "configs"
+
+
+def data_dir() -> Path:
+    """The data root: $MEND_DATA_DIR, else ../shared/data relative to the repository."""
+    env = os.environ.get("MEND_DATA_DIR")
+    return Path(env).expanduser() if env else REPO_ROOT.parent / "shared" / "data"

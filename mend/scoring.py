@@ -1,0 +1,160 @@
+"""Batched scoring of target continuations and greedy generation, for decoder-only and encoder-decoder models.
+
+A target continues its prompt: for a decoder-only model prompt and target tokens form one sequence and the
+logits at position ``i`` predict token ``i + 1``; for an encoder-decoder model the prompt is the encoder input
+and the target is the decoder's label sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+def _is_enc_dec(model: PreTrainedModel) -> bool:
+    return bool(getattr(model.config, "is_encoder_decoder", False))
+
+
+def encode_pair(
+    tok: PreTrainedTokenizerBase, prompt: str, target: str, encoder_decoder: bool = False
+) -> tuple[list[int], list[int]]:
+    """Token ids of the prompt and of the target as the model would see the target after the prompt."""
+    p_ids = tok(prompt).input_ids
+    if encoder_decoder:
+        return p_ids, tok(target.strip(), add_special_tokens=False).input_ids
+    full = tok(prompt + target).input_ids
+    if full[: len(p_ids)] == p_ids and len(full) > len(p_ids):
+        return p_ids, full[len(p_ids):]
+    return p_ids, tok(target, add_special_tokens=False).input_ids  # a merge across the boundary
+
+
+@dataclass
+class TargetBatch:
+    """Model inputs plus, for every target token, where its logits are."""
+
+    inputs: dict[str, torch.Tensor]
+    target_ids: torch.Tensor  # (B, T) long, 0 where padded
+    target_mask: torch.Tensor  # (B, T) bool
+    logit_pos: torch.Tensor  # (B, T) long: index into the logits' sequence dimension
+    prompt_lens: list[int]
+
+
+def make_batch(
+    tok: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    model: PreTrainedModel,
+) -> TargetBatch:
+    """Right-padded batch of prompt+target sequences (decoder-only) or prompt / label pairs (encoder-decoder)."""
+    enc_dec = _is_enc_dec(model)
+    pairs = [encode_pair(tok, p, t, enc_dec) for p, t in zip(prompts, targets, strict=True)]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    tmax = max(len(t) for _, t in pairs)
+    b = len(pairs)
+    target_ids = torch.zeros(b, tmax, dtype=torch.long)
+    target_mask = torch.zeros(b, tmax, dtype=torch.bool)
+    logit_pos = torch.zeros(b, tmax, dtype=torch.long)
+    for i, (p, t) in enumerate(pairs):
+        target_ids[i, : len(t)] = torch.tensor(t)
+        target_mask[i, : len(t)] = True
+        start = 0 if enc_dec else len(p) - 1
+        logit_pos[i, : len(t)] = torch.arange(start, start + len(t))
+    if enc_dec:
+        input_ids, attn = _pad([p for p, _ in pairs], pad)
+        start_id = model.config.decoder_start_token_id
+        dec = torch.full((b, tmax), pad, dtype=torch.long)
+        dec[:, 0] = start_id
+        dec[:, 1:] = torch.where(target_mask[:, :-1], target_ids[:, :-1], torch.full_like(target_ids[:, :-1], pad))
+        inputs = {"input_ids": input_ids, "attention_mask": attn, "decoder_input_ids": dec,
+                  "decoder_attention_mask": torch.cat([torch.ones(b, 1, dtype=torch.long),
+                                                       target_mask[:, :-1].long()], 1)}
+    else:
+        input_ids, attn = _pad([p + t for p, t in pairs], pad)
+        inputs = {"input_ids": input_ids, "attention_mask": attn}
+    device = model.device
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    return TargetBatch(inputs, target_ids.to(device), target_mask.to(device), logit_pos.to(device),
+                       [len(p) for p, _ in pairs])
+
+
+def _pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), pad, dtype=torch.long)
+    attn = torch.zeros(len(seqs), n, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        attn[i, : len(s)] = 1
+    return ids, attn
+
+
+def target_logits(logits: torch.Tensor, batch: TargetBatch) -> torch.Tensor:
+    """(B, T, V) logits that predict each target token."""
+    idx = batch.logit_pos.unsqueeze(-1).expand(-1, -1, logits.shape[-1])
+    return logits.gather(1, idx)
+
+
+def token_logprobs(logits: torch.Tensor, batch: TargetBatch) -> torch.Tensor:
+    """(B, T) log-probability of each target token, 0 at padding."""
+    lp = torch.log_softmax(target_logits(logits, batch).float(), dim=-1)
+    out = lp.gather(-1, batch.target_ids.unsqueeze(-1)).squeeze(-1)
+    return out * batch.target_mask
+
+
+def target_nll(logits: torch.Tensor, batch: TargetBatch) -> torch.Tensor:
+    """Mean over requests of the mean negative log-likelihood per target token (a scalar loss)."""
+    lp = token_logprobs(logits, batch)
+    return -(lp.sum(1) / batch.target_mask.sum(1)).mean()
+
+
+@dataclass
+class TargetScore:
+    logprob: float  # sum over the target's tokens: log P(target | prompt)
+    n_tokens: int
+    greedy_match: bool  # every target token is the argmax
+
+    @property
+    def prob(self) -> float:
+        import math
+
+        return math.exp(self.logprob)
+
+    @property
+    def mean_logprob(self) -> float:
+        return self.logprob / self.n_tokens
+
+
+@torch.no_grad()
+def score_targets(
+    model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: Sequence[str], targets: Sequence[str],
+    batch_size: int = 16,
+) -> list[TargetScore]:
+    """Log-probability of each target after its prompt, and whether greedy decoding would produce it."""
+    out: list[TargetScore] = []
+    for s in range(0, len(prompts), batch_size):
+        batch = make_batch(tok, prompts[s : s + batch_size], targets[s : s + batch_size], model)
+        logits = model(**batch.inputs).logits
+        lp = token_logprobs(logits, batch)
+        hit = (target_logits(logits, batch).argmax(-1) == batch.target_ids) | ~batch.target_mask
+        for i in range(lp.shape[0]):
+            out.append(TargetScore(lp[i].sum().item(), int(batch.target_mask[i].sum()), bool(hit[i].all())))
+    return out
+
+
+@torch.no_grad()
+def greedy_ids(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompt: str, n_tokens: int) -> list[int]:
+    """The greedy continuation of ``prompt`` as token ids."""
+    enc = tok(prompt, return_tensors="pt").to(model.device)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    out = model.generate(**enc, max_new_tokens=n_tokens, do_sample=False, num_beams=1, pad_token_id=pad)
+    new = out[0] if _is_enc_dec(model) else out[0, enc.input_ids.shape[1]:]
+    specials = set(tok.all_special_ids)
+    if _is_enc_dec(model) and len(new) and int(new[0]) == model.config.decoder_start_token_id:
+        new = new[1:]
+    return [int(t) for t in new if int(t) not in specials][:n_tokens]
+
+
+def greedy_text(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompt: str, n_tokens: int = 12) -> str:
+    return tok.decode(greedy_ids(model, tok, prompt, n_tokens))
