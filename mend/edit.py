@@ -75,6 +75,9 @@ def read_requests(cfg: Any) -> list[EditRequest]:
     missing = [k for k in ("prompt", "subject", "target") if k not in inline]
     if missing:
         raise ConfigError(f"missing {', '.join(missing)}: give prompt=, subject= and target= (or requests=PATH)")
+    prompt, subject = inline["prompt"], inline["subject"]
+    if isinstance(prompt, str) and "{}" not in prompt and isinstance(subject, str) and subject and subject in prompt:
+        raise ConfigError(f"prompt has no '{{}}' placeholder: write it as {prompt.replace(subject, '{}', 1)!r}")
     target = inline["target"]
     true = inline.get("target_true")
     return [make_request(inline["prompt"], inline["subject"], _lead(target), _lead(true) if true else None)]

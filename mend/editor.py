@@ -35,6 +35,8 @@ class EditResult:
         from safetensors.torch import save_file
 
         tensors = {ref.param: d.detach().contiguous().cpu() for ref, d in self.deltas.items()}
+        if len(tensors) != len(self.deltas):
+            raise MendError("an EditResult to save must hold at most one delta per weight")
         refs = [dict(vars(ref)) for ref in self.deltas]
         meta = {"refs": json.dumps(refs), "diagnostics": json.dumps(self.diagnostics, default=str)}
         return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
@@ -67,12 +69,15 @@ class AppliedEdit:
 def apply_edit(model: PreTrainedModel, result: EditResult, adapter: ModelAdapter | None = None) -> AppliedEdit:
     """Add the deltas to the model's weights in place (in the parameters' dtype and layout)."""
     adapter = adapter or get_adapter(model)
-    originals: dict[str, tuple[torch.nn.Parameter, torch.Tensor]] = {}
-    for ref, delta in result.deltas.items():
+    staged = []
+    for ref, delta in result.deltas.items():  # check every shape before changing anything
         param = adapter.parameter(ref)
         stored = adapter.to_stored(ref, delta)
         if stored.shape != param.shape:
             raise MendError(f"delta for {ref.param} has shape {tuple(delta.shape)}, weight is {tuple(param.shape)}")
+        staged.append((ref, param, stored))
+    originals: dict[str, tuple[torch.nn.Parameter, torch.Tensor]] = {}
+    for ref, param, stored in staged:
         if ref.param not in originals:
             originals[ref.param] = (param, param.detach().clone())
         param.add_(stored.to(device=param.device, dtype=param.dtype))

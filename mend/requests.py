@@ -23,6 +23,8 @@ class EditRequest:
     target_true: str | None = None
     paraphrases: tuple[str, ...] = ()
     neighborhood: tuple[tuple[str, str], ...] = ()  # (prompt, expected continuation)
+    portability: tuple[tuple[str, str], ...] = ()  # (question, answer) that should follow from the edit
+    generation_prompts: tuple[str, ...] = ()  # prompts for free generation (fluency)
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -35,11 +37,14 @@ class EditRequest:
             raise RequestError(f"prompt must contain exactly one '{{}}' where the subject goes, found {n}: {self.prompt!r}")
         for p in self.paraphrases:
             _check_text("paraphrase", p)
-        for item in self.neighborhood:
-            if len(item) != 2:
-                raise RequestError(f"neighborhood items must be (prompt, expected) pairs, got {item!r}")
-            _check_text("neighborhood prompt", item[0])
-            _check_text("neighborhood expected", item[1])
+        for p in self.generation_prompts:
+            _check_text("generation prompt", p)
+        for what in ("neighborhood", "portability"):
+            for item in getattr(self, what):
+                if len(item) != 2:
+                    raise RequestError(f"{what} items must be (prompt, expected) pairs, got {item!r}")
+                _check_text(f"{what} prompt", item[0])
+                _check_text(f"{what} expected", item[1])
 
     @property
     def text(self) -> str:
@@ -56,6 +61,8 @@ class EditRequest:
         d = asdict(self)
         d["paraphrases"] = list(self.paraphrases)
         d["neighborhood"] = [list(x) for x in self.neighborhood]
+        d["portability"] = [list(x) for x in self.portability]
+        d["generation_prompts"] = list(self.generation_prompts)
         return d
 
 
@@ -76,6 +83,8 @@ def make_request(
     paraphrases: Iterable[str] = (),
     neighborhood: Iterable[tuple[str, str]] = (),
     meta: dict[str, Any] | None = None,
+    portability: Iterable[tuple[str, str]] = (),
+    generation_prompts: Iterable[str] = (),
 ) -> EditRequest:
     """Build a request; a prompt without ``{}`` is accepted only when it contains the subject (filled-in form)."""
     _check_text("prompt", prompt)
@@ -91,6 +100,8 @@ def make_request(
         target_true=target_true,
         paraphrases=tuple(paraphrases),
         neighborhood=tuple(tuple(x) for x in neighborhood),
+        portability=tuple(tuple(x) for x in portability),
+        generation_prompts=tuple(generation_prompts),
         meta=dict(meta or {}),
     )
 
@@ -105,14 +116,14 @@ def request_from_record(rec: Any) -> EditRequest:
             raise RequestError("requested_rewrite must be an object")
         return make_request(
             rw.get("prompt"), rw.get("subject"), _target_str(rw.get("target_new")), _target_str(rw.get("target_true")),
-            paraphrases=rec.get("paraphrase_prompts", ()),
+            paraphrases=_strings(rec.get("paraphrase_prompts", ())),
         )
     target = rec.get("target_new", rec.get("target"))
     true = rec.get("target_true", rec.get("ground_truth"))
     neighborhood = [tuple(x) for x in rec.get("neighborhood", ())]
     if "locality_prompt" in rec and "locality_ground_truth" in rec:
         neighborhood.append((rec["locality_prompt"], _space(rec["locality_ground_truth"])))
-    paraphrases = list(rec.get("paraphrases", ()))
+    paraphrases = _strings(rec.get("paraphrases", ()))
     if isinstance(rec.get("rephrase_prompt"), str):
         paraphrases.append(rec["rephrase_prompt"])
     missing = [k for k, v in (("prompt", rec.get("prompt")), ("subject", rec.get("subject")), ("target", target)) if v is None]
@@ -122,6 +133,11 @@ def request_from_record(rec: Any) -> EditRequest:
         rec["prompt"], rec["subject"], _space(target), _space(true) if true is not None else None,
         paraphrases=paraphrases, neighborhood=neighborhood,
     )
+
+
+def _strings(x: Any) -> list[Any]:
+    """A list of prompts; a lone string is one prompt, not a sequence of characters."""
+    return [x] if isinstance(x, str) else list(x or ())
 
 
 def _target_str(t: Any) -> Any:
@@ -143,7 +159,7 @@ def load_requests(path: str | Path) -> list[EditRequest]:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise RequestError(f"cannot read request file '{path}': {e.strerror or e}") from e
+        raise RequestError(f"cannot read request file '{path}': {getattr(e, 'strerror', None) or e}") from e
     try:
         data = json.loads(text)
         records = data if isinstance(data, list) else [data]

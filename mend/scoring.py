@@ -7,6 +7,7 @@ and the target is the decoder's label sequence.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -113,12 +114,19 @@ def target_nll(logits: torch.Tensor, batch: TargetBatch) -> torch.Tensor:
 class TargetScore:
     logprob: float  # sum over the target's tokens: log P(target | prompt)
     n_tokens: int
-    greedy_match: bool  # every target token is the argmax
+    greedy_match: bool  # every target token is the argmax (teacher-forced)
+    argmax: list[int] | None = None  # teacher-forced argmax token at each target position
+    first_logdist: torch.Tensor | None = None  # (V,) log-probs of the first target position (next-token dist.)
+    target_ids: list[int] | None = None
+
+    @property
+    def token_accuracy(self) -> float:
+        """Teacher-forced token accuracy: the fraction of target positions whose argmax is the target token."""
+        assert self.argmax is not None and self.target_ids is not None
+        return sum(int(a == t) for a, t in zip(self.argmax, self.target_ids)) / max(1, len(self.target_ids))
 
     @property
     def prob(self) -> float:
-        import math
-
         return math.exp(self.logprob)
 
     @property
@@ -129,17 +137,26 @@ class TargetScore:
 @torch.no_grad()
 def score_targets(
     model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: Sequence[str], targets: Sequence[str],
-    batch_size: int = 16,
+    batch_size: int = 16, first_dist: bool = False,
 ) -> list[TargetScore]:
-    """Log-probability of each target after its prompt, and whether greedy decoding would produce it."""
+    """Log-probability of each target after its prompt, and the teacher-forced argmax tokens.
+
+    With ``first_dist`` the full next-token log-distribution after each prompt is kept (for KL measures).
+    """
     out: list[TargetScore] = []
     for s in range(0, len(prompts), batch_size):
         batch = make_batch(tok, prompts[s : s + batch_size], targets[s : s + batch_size], model)
-        logits = model(**batch.inputs).logits
-        lp = token_logprobs(logits, batch)
-        hit = (target_logits(logits, batch).argmax(-1) == batch.target_ids) | ~batch.target_mask
+        tl = target_logits(model(**batch.inputs).logits, batch).float()  # (B, T, V)
+        logp = torch.log_softmax(tl, dim=-1)
+        lp = logp.gather(-1, batch.target_ids.unsqueeze(-1)).squeeze(-1) * batch.target_mask
+        am = tl.argmax(-1)
+        hit = (am == batch.target_ids) | ~batch.target_mask
         for i in range(lp.shape[0]):
-            out.append(TargetScore(lp[i].sum().item(), int(batch.target_mask[i].sum()), bool(hit[i].all())))
+            n = int(batch.target_mask[i].sum())
+            out.append(TargetScore(
+                lp[i].sum().item(), n, bool(hit[i].all()), am[i, :n].tolist(),
+                logp[i, 0].clone() if first_dist else None, batch.target_ids[i, :n].tolist(),
+            ))
     return out
 
 

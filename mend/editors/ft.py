@@ -41,7 +41,7 @@ class FTEditor(Editor):
         cfg: FTConfig = self.config
         t0 = time.perf_counter()
         adapter = get_adapter(model)
-        stacks = [cfg.stack] if cfg.stack else None
+        stacks = [cfg.stack or adapter.default_stack]  # one stack, as documented in FTConfig.stack
         refs = adapter.weight_refs(kinds=[cfg.kind], layers=cfg.layers, stacks=stacks)
         base = {ref.param: adapter.parameter(ref).detach() for ref in refs}
         deltas = {name: torch.zeros_like(w, requires_grad=True) for name, w in base.items()}

@@ -1,0 +1,1 @@
+"""locate_edit: closed-form editors (ROME, MEMIT, ...) and causal tracing."""

@@ -1,0 +1,36 @@
+"""Shared helpers: tiny random models only (no network, no real weights)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mend.models import load_model
+
+DECODER_ONLY = ("tiny-gpt2", "tiny-gptj", "tiny-llama", "tiny-gemma3")
+ALL_TINY = (*DECODER_ONLY, "tiny-t5")
+
+
+@pytest.fixture
+def tiny():
+    """Factory: a freshly built tiny model (eval mode, requires_grad False) and its byte tokenizer.
+
+    A fresh model per call, because tests change dtypes, requires_grad flags and weights.
+    """
+
+    def make(name: str):
+        torch.manual_seed(0)
+        return load_model(name)
+
+    return make
+
+
+def param_clones(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def assert_params_identical(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    current = dict(model.named_parameters())
+    assert current.keys() == saved.keys()
+    changed = [n for n, p in current.items() if not torch.equal(p.detach(), saved[n])]
+    assert not changed, f"parameters not restored bit for bit: {changed[:5]}"

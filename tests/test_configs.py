@@ -1,0 +1,56 @@
+"""Every YAML file under configs/ validates against its schema."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from mend.config import ModelFile, build_config, model_file_for, model_files
+from mend.edit import EditCommand
+from mend.editor import available_editors, build_editor_config
+from mend.errors import ConfigError
+from mend.paths import config_dir
+
+MODEL_FILES = sorted((config_dir() / "model").glob("*.yaml"))
+EDITOR_FILES = sorted((config_dir() / "editor").glob("*.yaml"))
+
+
+def test_there_are_configs():
+    assert len(MODEL_FILES) >= 6 and EDITOR_FILES
+
+
+@pytest.mark.parametrize("path", MODEL_FILES, ids=lambda p: p.name)
+def test_model_file_validates(path: Path):
+    mf = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelFile), OmegaConf.load(path)))
+    for editor, section in mf.editors.items():
+        assert editor in available_editors(), f"{path.name}: unknown editor {editor}"
+        build_editor_config(editor, section)  # raises on unknown keys or wrong types
+        assert not any("." in str(v) and "proj" in str(v) for v in dict(section).values()), "name layers, not paths"
+
+
+@pytest.mark.parametrize("path", EDITOR_FILES, ids=lambda p: p.name)
+def test_editor_file_validates(path: Path):
+    assert path.stem in available_editors()
+    build_editor_config(path.stem, OmegaConf.load(path))
+
+
+def test_model_file_lookup():
+    assert model_file_for("smollm2-135m", "llama").n_layers == 30
+    assert model_file_for("some-org/unknown-llama", "llama").family_default  # family default
+    assert model_file_for("some-org/unknown", "bert") is None
+    assert len(model_files()) == len(MODEL_FILES)
+
+
+def test_overrides_and_group_shorthand(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("editor: ft\nmodel:\n  name: tiny-llama\nseed: 3\n")
+    cfg = build_config(EditCommand, [str(cfg_file), "editor.lr=0.1", "prompt={} is in", "target= Rome"],
+                       text_keys=("prompt", "target"))
+    assert cfg.editor.name == "ft" and cfg.editor.lr == 0.1 and cfg.model.name == "tiny-llama" and cfg.seed == 3
+    assert cfg.prompt == "{} is in" and cfg.target == " Rome"  # verbatim: not YAML, space kept
+    with pytest.raises(ConfigError):
+        build_config(EditCommand, ["seed=[1"])
+    with pytest.raises(ConfigError):
+        build_config(EditCommand, [str(tmp_path / "missing.yaml")])
