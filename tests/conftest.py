@@ -11,6 +11,19 @@ DECODER_ONLY = ("tiny-gpt2", "tiny-gptj", "tiny-llama", "tiny-gemma3")
 ALL_TINY = (*DECODER_ONLY, "tiny-t5")
 
 
+@pytest.fixture(autouse=True)
+def _threads(request):
+    """Tiny models run fastest on one thread (and far faster than two on a busy machine); real-model tests
+    keep the default."""
+    if request.node.get_closest_marker("real_model"):
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def tiny():
     """Factory: a freshly built tiny model (eval mode, requires_grad False) and its byte tokenizer.

@@ -34,6 +34,7 @@ class EvalSettings:
     generation: bool = False  # free generations for the fluency metric
     generation_tokens: int = 50
     seed: int = 0
+    drawdown_samples: int = 20  # single mode: perplexity after this many edits spread over the run (0: all)
 
 
 @dataclass
@@ -153,15 +154,26 @@ class Evaluator:
     def _bar(self, n: int, desc: str) -> tqdm:
         return tqdm(total=n, desc=desc, disable=not self.progress, leave=False)
 
+    def groups(self) -> list[list[int]]:
+        """Requests edited together in single mode: those sharing ``meta["group"]`` (e.g. an MQuAKE case)."""
+        out: dict[Any, list[int]] = {}
+        for i, r in enumerate(self.requests):
+            out.setdefault(r.meta.get("group", ("__own__", i)), []).append(i)
+        return list(out.values())
+
     def _single(self, editor: Editor) -> EditorRun:
         recs, seconds, drawdowns = [], 0.0, []
-        with self._bar(len(self.requests), f"{editor.name} single") as bar:
-            for i in range(len(self.requests)):
-                handle, dt = self._edit(editor, [i])
+        groups = self.groups()
+        k = self.s.drawdown_samples
+        stride = max(1, len(groups) // k) if k > 0 else 1  # perplexity is the costliest measurement
+        with self._bar(len(groups), f"{editor.name} single") as bar:
+            for g, idx in enumerate(groups):
+                handle, dt = self._edit(editor, idx)
                 try:
                     seconds += dt
-                    recs.extend(self._measure([i]))
-                    drawdowns.append(self._drawdown())
+                    recs.extend(self._measure(idx))
+                    if g % stride == 0:
+                        drawdowns.append(self._drawdown())
                 finally:
                     handle.restore()
                 editor.reset()

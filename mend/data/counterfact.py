@@ -1,0 +1,38 @@
+"""CounterFact (Meng et al. 2022), in ROME's format and in the flat EasyEdit / MEND format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mend.data.records import EditDataset, convert, read_json_records, space, strings
+from mend.requests import EditRequest, make_request
+
+
+def rome_record(rec: dict[str, Any], i: int) -> list[EditRequest]:
+    rw = rec["requested_rewrite"]
+    true = space(rw["target_true"])
+    return [make_request(
+        rw["prompt"], rw["subject"], space(rw["target_new"]), true,
+        paraphrases=strings(rec.get("paraphrase_prompts")),
+        neighborhood=[(p, true) for p in strings(rec.get("neighborhood_prompts"))],
+        generation_prompts=strings(rec.get("generation_prompts")),
+        meta={"case_id": rec.get("case_id", i), "relation": rw.get("relation_id")},
+    )]
+
+
+def flat_record(rec: dict[str, Any], i: int) -> list[EditRequest]:
+    loc = [(rec["locality_prompt"], space(rec["locality_ground_truth"]))] if rec.get("locality_prompt") else []
+    return [make_request(
+        rec["prompt"], rec["subject"], space(rec["target_new"]), space(rec["ground_truth"]),
+        paraphrases=strings(rec.get("rephrase_prompt")), neighborhood=loc,
+        meta={"case_id": rec.get("case_id", i)},
+    )]
+
+
+def load_counterfact(path: str | Path, limit: int | None = None, on_error: str = "skip") -> EditDataset:
+    """Either format; the first record decides which."""
+    records = read_json_records(path)
+    fn = rome_record if records and isinstance(records[0], dict) and "requested_rewrite" in records[0] else flat_record
+    reqs, skipped = convert(records, fn, on_error, limit, str(path))
+    return EditDataset("counterfact", "counterfact", reqs, str(path), skipped)

@@ -1,0 +1,85 @@
+"""Plain text for perplexity drawdown (and, later, statistics): WikiText raw files, any text file, or text
+sampled from the model itself when no file is available (the offline default)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from mend.errors import MendError
+from mend.paths import data_dir
+
+WIKITEXT = ("wikitext/wiki.test.raw", "wikitext/wiki.valid.raw")
+
+
+def read_text(path: str | Path) -> list[str]:
+    """Paragraphs of a text file or of every .txt / .raw file in a folder; WikiText headings and blanks dropped."""
+    path = Path(path)
+    files = sorted([*path.glob("*.txt"), *path.glob("*.raw")]) if path.is_dir() else [path]
+    if not files:
+        raise MendError(f"no .txt or .raw files in '{path}'")
+    out = []
+    for f in files:
+        try:
+            lines = f.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise MendError(f"cannot read text file '{f}': {getattr(e, 'strerror', None) or e}") from e
+        out.extend(ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("="))
+    return out
+
+
+def default_text_file() -> Path | None:
+    for rel in WIKITEXT:
+        p = data_dir() / rel
+        if p.exists():
+            return p
+    return None
+
+
+def chunk_tokens(tok: PreTrainedTokenizerBase, paragraphs: list[str], n_chunks: int, chunk_len: int) -> torch.Tensor:
+    """(n, chunk_len) token ids: paragraphs joined, tokenized, cut into consecutive chunks."""
+    ids: list[int] = []
+    need = n_chunks * chunk_len
+    for p in paragraphs:
+        ids.extend(tok(p + "\n", add_special_tokens=False).input_ids)
+        if len(ids) >= need:
+            break
+    n = min(n_chunks, len(ids) // chunk_len)
+    if n == 0:
+        raise MendError(f"the text has fewer than {chunk_len} tokens")
+    return torch.tensor(ids[: n * chunk_len]).view(n, chunk_len)
+
+
+@torch.no_grad()
+def sample_tokens(model: PreTrainedModel, tok: PreTrainedTokenizerBase, n_chunks: int, chunk_len: int,
+                  seed: int = 0) -> torch.Tensor:
+    """(n, chunk_len) token ids sampled from the model (temperature 1, top-k 50) after short neutral openings."""
+    openings = ["The", "In", "A", "It", "This", "When", "On", "There", "After", "Many"]
+    gen = torch.Generator().manual_seed(seed)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    rows = []
+    for i in range(n_chunks):
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        enc = tok(openings[i % len(openings)], return_tensors="pt").to(model.device)
+        out = model.generate(**enc, do_sample=True, top_k=50, max_new_tokens=chunk_len, min_new_tokens=chunk_len,
+                             pad_token_id=pad)
+        seq = out[0] if model.config.is_encoder_decoder else out[0, enc.input_ids.shape[1]:]
+        rows.append(seq[:chunk_len].cpu())
+    n = min(len(r) for r in rows)
+    return torch.stack([r[:n] for r in rows])
+
+
+def drawdown_tokens(model: PreTrainedModel, tok: PreTrainedTokenizerBase, source: str, n_chunks: int,
+                    chunk_len: int, seed: int = 0) -> torch.Tensor | None:
+    """Token chunks for perplexity drawdown: ``auto`` (WikiText from the data folder, else model samples),
+    ``self`` (model samples), ``none``, or a path to text."""
+    if source == "none" or n_chunks <= 0:
+        return None
+    if source == "auto":
+        f = default_text_file()
+        source = str(f) if f else "self"
+    if source == "self":
+        return sample_tokens(model, tok, n_chunks, chunk_len, seed)
+    return chunk_tokens(tok, read_text(source), n_chunks, chunk_len)

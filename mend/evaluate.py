@@ -1,0 +1,151 @@
+"""python -m mend.evaluate: run one or more editors on the same requests; write results.json / .md / plots."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from mend.cli import run
+from mend.config import ModelSection, build_config, editor_layers
+from mend.editor import config_keys, create_editor, editor_class
+from mend.errors import ConfigError
+from mend.evaluation.evaluator import MODES, EvalSettings, Evaluator
+from mend.evaluation.report import markdown_table, write_reports
+from mend.models import load_model
+
+USAGE = """
+usage: python -m mend.evaluate [config.yaml] [key=value ...]
+
+Run editors on the same edit requests and write <out>/results.json, <out>/results.md and plots.
+
+  model=NAME              alias, local path or Hugging Face id [smollm2-135m]
+  editors=[a,b,...]       editors to compare (or editor=NAME for one) [ft]
+  editor.KEY=VALUE        a setting for every listed editor that has it (e.g. editor.checkpoint=RUN_DIR)
+  settings.NAME.KEY=VALUE a setting for one editor (e.g. settings.ft.layers=[4])
+  data=NAME               builtin, counterfact, zsre, knowedit, mquake [builtin]
+  data.path=PATH          the data file (default: its usual place under $MEND_DATA_DIR)
+  data.limit=N            the first N usable records
+  data.split=SPLIT        builtin data: train, validation, test, all [test]
+  data.on_error=skip|fail malformed records: skip them (reported) or stop [skip]
+  mode=MODE               single (each edit from the original weights), batch (all at once),
+                          sequential (one after another, never restored in between) [single]
+  curve_every=N           sequential mode: measure every N edits [about ten points]
+  generation=true         also measure fluency on free generations (slower)
+  drawdown.source=SRC     text for perplexity drawdown: auto (WikiText in the data folder, else model samples),
+                          self, none, or a path [auto]; drawdown.chunks=8 drawdown.length=128 tokens;
+                          in single mode measured after drawdown.samples=20 edits spread over the run
+  out=DIR                 where the results go [runs/evaluate]
+  seed=N                  random seed [0]
+"""
+
+
+@dataclass
+class DataSection:
+    name: str = "builtin"
+    path: str | None = None
+    limit: int | None = None
+    split: str = "test"
+    on_error: str = "skip"
+
+
+@dataclass
+class DrawdownSection:
+    source: str = "auto"
+    chunks: int = 8
+    length: int = 128
+    samples: int = 20  # single mode: measured after this many edits, spread over the run (0: every edit)
+
+
+@dataclass
+class EvaluateCommand:
+    model: ModelSection = field(default_factory=ModelSection)
+    editors: list[str] = field(default_factory=list)
+    editor: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    data: DataSection = field(default_factory=DataSection)
+    mode: str = "single"
+    curve_every: int = 0
+    generation: bool = False
+    generation_tokens: int = 50
+    batch_size: int = 16
+    drawdown: DrawdownSection = field(default_factory=DrawdownSection)
+    out: str = "runs/evaluate"
+    seed: int = 0
+    progress: bool = True
+
+
+def editor_names(cfg: Any) -> list[str]:
+    names = list(cfg.editors) or ([cfg.editor["name"]] if "name" in cfg.editor else ["ft"])
+    if len(set(names)) != len(names):
+        raise ConfigError(f"editors listed twice: {names}")
+    for n in names:
+        editor_class(n)
+    return names
+
+
+def per_editor_settings(cfg: Any, names: list[str]) -> dict[str, dict[str, Any]]:
+    """``editor.KEY`` goes to every listed editor whose config has KEY; ``settings.NAME.KEY`` to one editor."""
+    shared = {k: v for k, v in OmegaConf.to_container(cfg.editor, resolve=True).items() if k != "name"}
+    own = OmegaConf.to_container(cfg.settings, resolve=True)
+    unknown = [n for n in own if n not in names]
+    if unknown:
+        raise ConfigError(f"settings for editors not in the run: {unknown}")
+    out = {}
+    for n in names:
+        keys = config_keys(editor_class(n).Config)
+        out[n] = {k: v for k, v in shared.items() if k in keys} | dict(own.get(n) or {})
+    for k in shared:
+        if not any(k in config_keys(editor_class(n).Config) for n in names):
+            raise ConfigError(f"editor.{k} is not a setting of {', '.join(names)}")
+    return out
+
+
+def main(argv: list[str]) -> int:
+    cfg = build_config(EvaluateCommand, argv, text_keys=("out",))
+    if cfg.mode not in MODES:
+        raise ConfigError(f"mode must be one of {', '.join(MODES)}, got '{cfg.mode}'")
+    names = editor_names(cfg)
+    settings = per_editor_settings(cfg, names)
+    from mend.data.registry import load_dataset
+    from mend.data.text import drawdown_tokens
+
+    ds = load_dataset(cfg.data.name, cfg.data.path, cfg.data.limit, cfg.data.on_error, cfg.data.split, cfg.seed)
+    if ds.skipped:
+        print(f"skipped {len(ds.skipped)} malformed record(s), e.g. record {ds.skipped[0][0]}: {ds.skipped[0][1]}")
+    torch.manual_seed(cfg.seed)
+    model, tok = load_model(cfg.model.name, getattr(torch, cfg.model.dtype), cfg.model.device)
+    from mend.adapters import get_adapter
+
+    get_adapter(model)
+    editors = [create_editor(n, *editor_layers(n, cfg.model.name, model.config.model_type, settings[n]))
+               for n in names]
+    chunks = drawdown_tokens(model, tok, cfg.drawdown.source, cfg.drawdown.chunks, cfg.drawdown.length, cfg.seed)
+    ev = Evaluator(model, tok, ds.requests, ds.style, chunks,
+                   EvalSettings(cfg.mode, cfg.batch_size, cfg.curve_every, cfg.generation, cfg.generation_tokens,
+                                cfg.seed, cfg.drawdown.samples), progress=cfg.progress)
+    results: dict[str, Any] = {
+        "model": cfg.model.name,
+        "dataset": {"name": ds.name, "path": ds.path, "n": len(ds.requests), "style": ds.style,
+                    "skipped": [{"record": i, "reason": r} for i, r in ds.skipped]},
+        "mode": cfg.mode,
+        "pre": ev.pre().metrics,
+        "pre_records": ev.pre().records,
+        "editors": {},
+    }
+    for ed in editors:
+        res = ev.run(ed)
+        results["editors"][ed.name] = {"metrics": res.metrics, "records": res.records,
+                                       "config": OmegaConf.to_container(OmegaConf.structured(ed.config))}
+        if res.curve:
+            results["editors"][ed.name]["curve"] = res.curve
+    paths = write_reports(results, cfg.out)
+    print(markdown_table(results))
+    print("written: " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    run(main, USAGE)
