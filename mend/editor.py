@@ -119,6 +119,11 @@ class Editor(ABC):
 # name -> "module:Class"; imported on first use so that mend never imports locate_edit directly
 _BUILTIN: dict[str, str] = {
     "ft": "mend.editors.ft:FTEditor",
+    "rome": "locate_edit.rome:ROMEEditor",
+    "r-rome": "locate_edit.rome:RROMEEditor",
+    "memit": "locate_edit.memit:MEMITEditor",
+    "emmet": "locate_edit.memit:EMMETEditor",
+    "alphaedit": "locate_edit.memit:AlphaEditEditor",
 }
 _REGISTRY: dict[str, type[Editor]] = {}
 

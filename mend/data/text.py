@@ -83,3 +83,49 @@ def drawdown_tokens(model: PreTrainedModel, tok: PreTrainedTokenizerBase, source
     if source == "self":
         return sample_tokens(model, tok, n_chunks, chunk_len, seed)
     return chunk_tokens(tok, read_text(source), n_chunks, chunk_len)
+
+
+SAMPLE_OPENINGS = ("The", "In", "A", "It", "This", "When", "On", "There", "After", "Many")
+
+
+def opening_ids(tok: PreTrainedTokenizerBase) -> list[int]:
+    """One token per neutral opening word (its first token), duplicates removed: single-token prompts never need
+    padding, so any mix of them can share a batch."""
+    ids: list[int] = []
+    for word in SAMPLE_OPENINGS:
+        first = tok(word, add_special_tokens=False).input_ids[:1]
+        if first and first[0] not in ids:
+            ids.append(first[0])
+    if not ids:
+        ids = [tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id]
+    return ids
+
+
+@torch.no_grad()
+def sample_token_batch(model: PreTrainedModel, tok: PreTrainedTokenizerBase, n_seqs: int, seq_len: int,
+                       seed: int = 0, batch_size: int = 32, progress: bool = False) -> torch.Tensor:
+    """(n_seqs, seq_len) token ids sampled from the model (temperature 1, top-k 50), ``batch_size`` rows at a time.
+
+    The batched counterpart of :func:`sample_tokens`, for corpora of many thousand tokens. Each row starts from a
+    one-token opening (cycling over :data:`SAMPLE_OPENINGS`) that is not part of the row, so no row is padded.
+    Deterministic for a given seed and batch size; the caller's random state is left as it was.
+    """
+    if n_seqs <= 0 or seq_len <= 0 or batch_size <= 0:
+        raise MendError(f"n_seqs, seq_len and batch_size must be positive, got {n_seqs}, {seq_len}, {batch_size}")
+    from tqdm.auto import tqdm
+
+    starts = opening_ids(tok)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    devices = [model.device.index or 0] if model.device.type == "cuda" else []
+    rows: list[torch.Tensor] = []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        for lo in tqdm(range(0, n_seqs, batch_size), desc="sampling text", unit="batch", disable=not progress):
+            n = min(batch_size, n_seqs - lo)
+            prompt = torch.tensor([[starts[(lo + i) % len(starts)]] for i in range(n)], device=model.device)
+            out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
+                                 temperature=1.0, top_k=50, top_p=1.0, max_new_tokens=seq_len,
+                                 min_new_tokens=seq_len, pad_token_id=pad)
+            new = out[:, 1:] if model.config.is_encoder_decoder else out[:, prompt.shape[1]:]
+            rows.append(new[:, :seq_len].cpu())
+    return torch.cat(rows)

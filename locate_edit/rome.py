@@ -1,0 +1,93 @@
+"""ROME (Meng et al. 2022) and r-ROME (Gupta et al. 2024): a rank-one update of one MLP output projection.
+
+k* is the key at the subject's last token averaged over context templates, v* = W k + δ with δ optimised
+(locate_edit.values), and ΔW = (v* − W k) (C⁻¹k*)ᵀ / ((C⁻¹k*)ᵀ k). ``key_mode`` picks k:
+``prompt`` — the request prompt's own key, as the reference ROME code does; ``average`` — k* itself, r-ROME's
+consistent use of the averaged key. Several requests are applied one after another (each on top of the last).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from locate_edit.common import GuardSettings, StatsCache, StatsSettings, TemplateSettings, guard
+from locate_edit.keys import context_templates, request_keys
+from locate_edit.solvers import rome_update
+from locate_edit.values import ValueSettings, optimize_values
+from mend.adapters import get_adapter
+from mend.editor import Editor, EditResult, apply_edit, register_editor
+from mend.errors import ConfigError
+from mend.requests import EditRequest
+
+
+@dataclass
+class ROMEConfig:
+    layer: int = 5
+    kind: str = "mlp_out"
+    key_mode: str = "prompt"  # prompt (ROME) | average (r-ROME)
+    templates: TemplateSettings = field(default_factory=TemplateSettings)
+    value: ValueSettings = field(default_factory=ValueSettings)
+    stats: StatsSettings = field(default_factory=StatsSettings)
+    guard: GuardSettings = field(default_factory=GuardSettings)
+
+
+@register_editor
+class ROMEEditor(Editor):
+    name = "rome"
+    Config = ROMEConfig
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        if self.config.key_mode not in ("prompt", "average"):
+            raise ConfigError(f"key_mode must be prompt or average, got '{self.config.key_mode}'")
+        self._stats = StatsCache(self.config.stats)
+
+    def edit(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, requests: list[EditRequest]) -> EditResult:
+        cfg: ROMEConfig = self.config
+        t0 = time.perf_counter()
+        adapter = get_adapter(model)
+        ref = adapter.weight_ref(cfg.layer, cfg.kind)
+        C = self._stats.get(model, tokenizer, [ref])[ref]
+        templates = context_templates(model, tokenizer, cfg.templates.spec, cfg.templates.seed)
+        total = None
+        handles, diag = [], {"steps": [], "loss": [], "rejected": []}
+        try:
+            for req in requests:  # each edit sees the previous ones
+                k_avg, k_own = request_keys(model, tokenizer, adapter, ref, [req], templates)
+                vals = optimize_values(model, tokenizer, adapter, [req], templates, adapter.module(ref), ref.layer,
+                                       cfg.value)
+                W = adapter.get_weight(ref).detach()
+                k_norm = k_own if cfg.key_mode == "prompt" else k_avg
+                # δ was optimised at the bare prompt; the target for k_norm is its current output plus δ
+                v = (W.double() @ k_norm[0].double()).float() + vals.delta[0]
+                d = rome_update(W.float(), C, k_avg[0], v, k_norm[0])
+                diag["steps"].append(vals.steps[0])
+                diag["loss"].append(vals.final_loss[0])
+                reason = guard({ref: d}, {ref: W}, cfg.guard)
+                if reason:
+                    diag["rejected"].append(reason)
+                    continue
+                total = d if total is None else total + d
+                if len(requests) > 1:
+                    handles.append(apply_edit(model, EditResult({ref: d}), adapter))
+        finally:
+            for h in reversed(handles):
+                h.restore()
+        deltas = {} if total is None else {ref: total}
+        return EditResult(deltas, diag, time.perf_counter() - t0)
+
+
+@dataclass
+class RROMEConfig(ROMEConfig):
+    key_mode: str = "average"
+
+
+@register_editor
+class RROMEEditor(ROMEEditor):
+    """r-ROME: ROME with the averaged key used consistently (``key_mode: average``)."""
+
+    name = "r-rome"
+    Config = RROMEConfig

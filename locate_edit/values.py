@@ -1,0 +1,124 @@
+"""Values: the vector a module should output at the subject's last token so that the model predicts the new
+target (ROME's v*, MEMIT's z). A delta δᵢ per request is added to ``module``'s output at the subject's last token
+in every context template and optimised with Adam on
+
+    Σᵢ [ mean NLL(targetᵢ) + kl_factor · KL(p ‖ p₀ on "{subject} is a") + weight_decay · ‖δᵢ‖ / ‖v₀ᵢ‖² ],
+
+clamped to ‖δᵢ‖ ≤ clamp_norm_factor · ‖v₀ᵢ‖ (Meng et al. 2022, eq. 4 and reference code). The blocks below the
+edited one do not depend on δ: their output is computed once and every step runs only the blocks above.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from locate_edit.keys import fill, last_token_index
+from mend.adapters import ModelAdapter
+from mend.adapters.partial import start_at_layer, supports_partial
+from mend.hooks import add_to_output, capture
+from mend.requests import EditRequest
+from mend.scoring import make_batch, target_logits, token_logprobs
+
+
+@dataclass
+class ValueSettings:
+    lr: float = 0.5
+    steps: int = 20
+    kl_factor: float = 0.0625
+    weight_decay: float = 0.5
+    clamp_norm_factor: float = 4.0
+    early_stop_loss: float = 5e-2  # stop when every request's loss is below this
+    kl_prompt: str = "{} is a"
+    chunk: int = 8  # requests optimised together in one batch
+
+
+@dataclass
+class Values:
+    delta: torch.Tensor  # (n, d) optimised deltas
+    init: torch.Tensor  # (n, d) the module's output at the subject's last token of each bare prompt
+    steps: list[int]
+    final_loss: list[float]
+
+
+def optimize_values(
+    model: PreTrainedModel, tok: PreTrainedTokenizerBase, adapter: ModelAdapter, requests: Sequence[EditRequest],
+    templates: Sequence[str], module: nn.Module, layer: int, s: ValueSettings,
+) -> Values:
+    """δ for each request, optimised in chunks of ``s.chunk`` requests (each δ has its own loss terms)."""
+    parts = [_optimize_chunk(model, tok, adapter, requests[i : i + s.chunk], templates, module, layer, s)
+             for i in range(0, len(requests), s.chunk)]
+    return Values(torch.cat([p.delta for p in parts]), torch.cat([p.init for p in parts]),
+                  [x for p in parts for x in p.steps], [x for p in parts for x in p.final_loss])
+
+
+def _rows(tok: PreTrainedTokenizerBase, requests: Sequence[EditRequest], templates: Sequence[str], kl_prompt: str):
+    """Rewriting rows (every template, teacher-forced target) then one KL row per request."""
+    prompts, targets, pos, owner, is_kl = [], [], [], [], []
+    assert templates[0] == "{}", "the first template must be the bare prompt"
+    for i, r in enumerate(requests):
+        for t in templates:
+            text, span = fill(t, r)
+            prompts.append(text), targets.append(r.target_new), owner.append(i), is_kl.append(False)
+            pos.append(last_token_index(tok, text, span))
+    for i, r in enumerate(requests):
+        text = kl_prompt.replace("{}", r.subject)
+        start = kl_prompt.index("{}")
+        prompts.append(text), targets.append(r.target_new), owner.append(i), is_kl.append(True)
+        pos.append(last_token_index(tok, text, (start, start + len(r.subject))))
+    return prompts, targets, torch.tensor(pos), torch.tensor(owner), torch.tensor(is_kl)
+
+
+def _optimize_chunk(model, tok, adapter, requests, templates, module, layer, s: ValueSettings) -> Values:
+    prompts, targets, pos, owner, is_kl = _rows(tok, requests, templates, s.kl_prompt)
+    batch = make_batch(tok, prompts, targets, model)
+    dev = model.device
+    pos, owner, is_kl = pos.to(dev), owner.to(dev), is_kl.to(dev)
+    n = len(requests)
+    block = adapter.block(layer)
+    partial = supports_partial(adapter)
+    with torch.no_grad(), capture({"m": module, "b": block}, inputs=True, outputs=True) as cap:
+        logits0 = model(**batch.inputs).logits
+    out0 = cap["m"].output
+    rows = torch.arange(len(prompts), device=dev)
+    first = torch.tensor([owner.tolist().index(i) for i in range(n)], device=dev)  # bare-prompt row per request
+    init = out0[first, pos[first]].float()  # (n, d)
+    hidden_in = cap["b"].input if partial else None
+    kl_rows = is_kl.nonzero().squeeze(1)
+    kl_logp0 = torch.log_softmax(target_logits(logits0, batch)[kl_rows, 0].float(), -1)
+
+    delta = torch.zeros_like(init, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=s.lr)
+    max_norm = s.clamp_norm_factor * init.norm(dim=1)  # (n,)
+    counts = torch.bincount(owner[~is_kl], minlength=n).float()
+    steps, losses = [0] * n, [float("inf")] * n
+    ctx = start_at_layer(adapter, layer, hidden_in) if partial else contextlib.nullcontext()
+    with ctx:
+        for step in range(s.steps):
+            with add_to_output(module, delta[owner].to(out0.dtype), pos):
+                logits = model(**batch.inputs).logits
+            lp = token_logprobs(logits, batch)  # (rows, T)
+            nll_row = -(lp.sum(1) / batch.target_mask.sum(1))
+            nll = torch.zeros(n, device=dev).index_add(0, owner[~is_kl], nll_row[~is_kl]) / counts
+            kl_logp = torch.log_softmax(target_logits(logits, batch)[kl_rows, 0].float(), -1)
+            kl = (kl_logp.exp() * (kl_logp - kl_logp0)).sum(-1)  # KL(p ‖ p0), one per request
+            wd = delta.norm(dim=1) / init.norm(dim=1) ** 2
+            per_req = nll + s.kl_factor * kl + s.weight_decay * wd
+            losses = per_req.tolist()
+            for i in range(n):
+                steps[i] = step + 1
+            if all(x < s.early_stop_loss for x in losses) or step == s.steps - 1:
+                break
+            opt.zero_grad()
+            per_req.sum().backward()
+            opt.step()
+            with torch.no_grad():
+                scale = (max_norm / delta.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
+                delta.mul_(scale.unsqueeze(1))
+    del rows
+    return Values(delta.detach(), init, steps, losses)
