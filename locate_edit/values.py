@@ -23,7 +23,7 @@ from mend.adapters import ModelAdapter
 from mend.adapters.partial import start_at_layer, supports_partial
 from mend.hooks import add_to_output, capture
 from mend.requests import EditRequest
-from mend.scoring import make_batch, target_logits, token_logprobs
+from mend.scoring import forward_target_logits, logprobs_at_targets, make_batch
 
 
 @dataclass
@@ -83,14 +83,14 @@ def _optimize_chunk(model, tok, adapter, requests, templates, module, layer, s: 
     block = adapter.block(layer)
     partial = supports_partial(adapter)
     with torch.no_grad(), capture({"m": module, "b": block}, inputs=True, outputs=True) as cap:
-        logits0 = model(**batch.inputs).logits
+        tlogits0 = forward_target_logits(model, batch)
     out0 = cap["m"].output
     rows = torch.arange(len(prompts), device=dev)
     first = torch.tensor([owner.tolist().index(i) for i in range(n)], device=dev)  # bare-prompt row per request
     init = out0[first, pos[first]].float()  # (n, d)
     hidden_in = cap["b"].input if partial else None
     kl_rows = is_kl.nonzero().squeeze(1)
-    kl_logp0 = torch.log_softmax(target_logits(logits0, batch)[kl_rows, 0].float(), -1)
+    kl_logp0 = torch.log_softmax(tlogits0[kl_rows, 0].float(), -1)
 
     delta = torch.zeros_like(init, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=s.lr)
@@ -101,11 +101,11 @@ def _optimize_chunk(model, tok, adapter, requests, templates, module, layer, s: 
     with ctx:
         for step in range(s.steps):
             with add_to_output(module, delta[owner].to(out0.dtype), pos):
-                logits = model(**batch.inputs).logits
-            lp = token_logprobs(logits, batch)  # (rows, T)
+                tlogits = forward_target_logits(model, batch)  # (rows, T, V) at target positions only
+            lp = logprobs_at_targets(tlogits, batch)  # (rows, T)
             nll_row = -(lp.sum(1) / batch.target_mask.sum(1))
             nll = torch.zeros(n, device=dev).index_add(0, owner[~is_kl], nll_row[~is_kl]) / counts
-            kl_logp = torch.log_softmax(target_logits(logits, batch)[kl_rows, 0].float(), -1)
+            kl_logp = torch.log_softmax(tlogits[kl_rows, 0].float(), -1)
             kl = (kl_logp.exp() * (kl_logp - kl_logp0)).sum(-1)  # KL(p ‖ p0), one per request
             wd = delta.norm(dim=1) / init.norm(dim=1) ** 2
             per_req = nll + s.kl_factor * kl + s.weight_decay * wd

@@ -113,3 +113,24 @@ def replace_output(module: nn.Module, hidden: torch.Tensor, positions: torch.Ten
         yield
     finally:
         handle.remove()
+
+
+@contextlib.contextmanager
+def weight_deltas(pairs: Sequence[tuple[nn.Module, torch.Tensor, bool]]) -> Iterator[None]:
+    """Run modules as if their weight were ``W + Δ`` without touching ``W``: each hook adds the input times Δ to
+    the output. ``pairs`` holds (module, Δ in the ``(d_out, d_in)`` convention, stored transposed?); the result
+    is differentiable in Δ."""
+
+    def make_hook(delta: torch.Tensor):
+        def hook(_mod, args, out):
+            x = _first(args)
+            return out + x @ delta.T.to(x.dtype)
+
+        return hook
+
+    handles = [mod.register_forward_hook(make_hook(d)) for mod, d, _transposed in pairs]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

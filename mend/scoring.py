@@ -92,22 +92,52 @@ def _pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def target_logits(logits: torch.Tensor, batch: TargetBatch) -> torch.Tensor:
-    """(B, T, V) logits that predict each target token."""
+    """(B, T, V) logits that predict each target token, from full (B, L, V) logits."""
     idx = batch.logit_pos.unsqueeze(-1).expand(-1, -1, logits.shape[-1])
     return logits.gather(1, idx)
 
 
+def forward_target_logits(model: PreTrainedModel, batch: TargetBatch) -> torch.Tensor:
+    """(B, T, V) logits at the target positions only.
+
+    For a decoder-only model the LM head runs on the target positions alone: with a 49k vocabulary the head
+    over every position costs more than the whole transformer for short prompts. Encoder-decoder models run
+    in full (their decoder positions are the targets anyway).
+    """
+    prefix = getattr(model, "base_model_prefix", None)
+    base = getattr(model, prefix, None) if prefix else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if _is_enc_dec(model) or base is None or head is None:
+        return target_logits(model(**batch.inputs).logits, batch)
+    hidden = base(**batch.inputs).last_hidden_state  # (B, L, d), final norm applied
+    idx = batch.logit_pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+    logits = head(hidden.gather(1, idx))
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def logprobs_at_targets(tlogits: torch.Tensor, batch: TargetBatch) -> torch.Tensor:
+    """(B, T) log-probability of each target token from (B, T, V) target logits, 0 at padding."""
+    lp = torch.log_softmax(tlogits.float(), dim=-1)
+    return lp.gather(-1, batch.target_ids.unsqueeze(-1)).squeeze(-1) * batch.target_mask
+
+
+def nll_at_targets(tlogits: torch.Tensor, batch: TargetBatch) -> torch.Tensor:
+    """Mean over rows of the mean NLL per target token, from (B, T, V) target logits."""
+    lp = logprobs_at_targets(tlogits, batch)
+    return -(lp.sum(1) / batch.target_mask.sum(1)).mean()
+
+
 def token_logprobs(logits: torch.Tensor, batch: TargetBatch) -> torch.Tensor:
-    """(B, T) log-probability of each target token, 0 at padding."""
-    lp = torch.log_softmax(target_logits(logits, batch).float(), dim=-1)
-    out = lp.gather(-1, batch.target_ids.unsqueeze(-1)).squeeze(-1)
-    return out * batch.target_mask
+    """(B, T) log-probability of each target token, 0 at padding, from full (B, L, V) logits."""
+    return logprobs_at_targets(target_logits(logits, batch), batch)
 
 
 def target_nll(logits: torch.Tensor, batch: TargetBatch) -> torch.Tensor:
-    """Mean over requests of the mean negative log-likelihood per target token (a scalar loss)."""
-    lp = token_logprobs(logits, batch)
-    return -(lp.sum(1) / batch.target_mask.sum(1)).mean()
+    """Mean over requests of the mean negative log-likelihood per target token, from full logits."""
+    return nll_at_targets(target_logits(logits, batch), batch)
 
 
 @dataclass
@@ -146,7 +176,7 @@ def score_targets(
     out: list[TargetScore] = []
     for s in range(0, len(prompts), batch_size):
         batch = make_batch(tok, prompts[s : s + batch_size], targets[s : s + batch_size], model)
-        tl = target_logits(model(**batch.inputs).logits, batch).float()  # (B, T, V)
+        tl = forward_target_logits(model, batch).float()  # (B, T, V)
         logp = torch.log_softmax(tl, dim=-1)
         lp = logp.gather(-1, batch.target_ids.unsqueeze(-1)).squeeze(-1) * batch.target_mask
         am = tl.argmax(-1)

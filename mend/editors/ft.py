@@ -10,13 +10,13 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from torch.func import functional_call
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mend.adapters import get_adapter
 from mend.editor import Editor, EditResult
+from mend.hooks import weight_deltas
 from mend.requests import EditRequest
-from mend.scoring import make_batch, target_nll
+from mend.scoring import forward_target_logits, make_batch, nll_at_targets
 
 
 @dataclass
@@ -43,26 +43,25 @@ class FTEditor(Editor):
         adapter = get_adapter(model)
         stacks = [cfg.stack or adapter.default_stack]  # one stack, as documented in FTConfig.stack
         refs = adapter.weight_refs(kinds=[cfg.kind], layers=cfg.layers, stacks=stacks)
-        base = {ref.param: adapter.parameter(ref).detach() for ref in refs}
-        deltas = {name: torch.zeros_like(w, requires_grad=True) for name, w in base.items()}
+        modules = {ref.param: adapter.module(ref) for ref in refs}
+        # Δ in the (d_out, d_in) convention, applied through hooks: W itself is never touched
+        deltas = {ref.param: torch.zeros_like(adapter.get_weight(ref), requires_grad=True) for ref in refs}
         opt = torch.optim.Adam(deltas.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         batch = make_batch(tokenizer, [r.text for r in requests], [r.target_new for r in requests], model)
         losses: list[float] = []
+        pairs = [(modules[name], d, False) for name, d in deltas.items()]
         for _ in range(cfg.steps):
-            params = {name: base[name] + d for name, d in deltas.items()}
-            logits = functional_call(model, params, args=(), kwargs=batch.inputs).logits
-            loss = target_nll(logits, batch)
+            with weight_deltas(pairs):
+                loss = nll_at_targets(forward_target_logits(model, batch), batch)
             losses.append(loss.item())
             if losses[-1] < cfg.early_stop_loss:
                 break
             opt.zero_grad()
-            grads = torch.autograd.grad(loss, list(deltas.values()))
-            for d, g in zip(deltas.values(), grads):
-                d.grad = g
+            loss.backward()
             opt.step()
             if cfg.norm_constraint > 0:
                 with torch.no_grad():
                     for d in deltas.values():
                         d.clamp_(-cfg.norm_constraint, cfg.norm_constraint)
-        out = {ref: adapter.to_stored(ref, deltas[ref.param].detach()) for ref in refs}
+        out = {ref: deltas[ref.param].detach() for ref in refs}
         return EditResult(out, {"losses": losses, "steps": len(losses)}, time.perf_counter() - t0)

@@ -85,7 +85,7 @@ def plot_curves(results: dict[str, Any], path: Path) -> Path | None:
         ax.set_title(key)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"{results['model']} · {results['dataset']['name']} · sequential")
+    fig.suptitle(f"{results['model']} · {results['dataset']['name']} · sequential", y=1.03)
     _save_fig(fig, path)
     return path
 
