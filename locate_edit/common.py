@@ -83,3 +83,13 @@ def guard(deltas: dict[WeightRef, torch.Tensor], weights: dict[WeightRef, torch.
                 return None
             return reason
     return None
+
+
+@dataclass
+class ClosedFormSettings:
+    """Settings every closed-form editor has (ROMEConfig and MEMITConfig extend it)."""
+
+    kind: str = "mlp_out"
+    templates: TemplateSettings = field(default_factory=TemplateSettings)
+    stats: StatsSettings = field(default_factory=StatsSettings)
+    guard: GuardSettings = field(default_factory=GuardSettings)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from locate_edit.common import GuardSettings, StatsCache, StatsSettings, TemplateSettings, guard
+from locate_edit.common import ClosedFormSettings, StatsCache, guard
 from locate_edit.keys import context_templates, fill, last_token_index, module_io_at, request_keys
 from locate_edit.solvers import alphaedit_update, emmet_update, memit_update, null_space_projector
 from locate_edit.values import ValueSettings, optimize_values
@@ -38,19 +38,15 @@ def _memit_values() -> ValueSettings:
 
 
 @dataclass
-class MEMITConfig:
+class MEMITConfig(ClosedFormSettings):
     layers: list[int] = field(default_factory=lambda: [3, 4, 5, 6, 7])
-    kind: str = "mlp_out"
     solver: str = "memit"  # memit | emmet | alphaedit
     mom2_weight: float = 15000.0  # λ of MEMIT
     emmet_lambda: float = 0.1  # regularises Kᵀ C⁻¹ K in EMMET
     null_threshold: float = 2e-2  # AlphaEdit: eigenvalues of C below this span the preserved null space
     null_relative: bool = False  # threshold relative to the largest eigenvalue
     l2: float = 10.0  # AlphaEdit's ridge term
-    templates: TemplateSettings = field(default_factory=TemplateSettings)
     value: ValueSettings = field(default_factory=_memit_values)
-    stats: StatsSettings = field(default_factory=StatsSettings)
-    guard: GuardSettings = field(default_factory=GuardSettings)
 
 
 @register_editor

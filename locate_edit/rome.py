@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from locate_edit.common import GuardSettings, StatsCache, StatsSettings, TemplateSettings, guard
+from locate_edit.common import ClosedFormSettings, StatsCache, guard
 from locate_edit.keys import context_templates, request_keys
 from locate_edit.solvers import rome_update
 from locate_edit.values import ValueSettings, optimize_values
@@ -24,14 +24,10 @@ from mend.requests import EditRequest
 
 
 @dataclass
-class ROMEConfig:
+class ROMEConfig(ClosedFormSettings):
     layer: int = 5
-    kind: str = "mlp_out"
     key_mode: str = "prompt"  # prompt (ROME) | average (r-ROME)
-    templates: TemplateSettings = field(default_factory=TemplateSettings)
     value: ValueSettings = field(default_factory=ValueSettings)
-    stats: StatsSettings = field(default_factory=StatsSettings)
-    guard: GuardSettings = field(default_factory=GuardSettings)
 
 
 @register_editor

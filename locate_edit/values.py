@@ -33,7 +33,8 @@ class ValueSettings:
     kl_factor: float = 0.0625
     weight_decay: float = 0.5
     clamp_norm_factor: float = 4.0
-    early_stop_loss: float = 5e-2  # stop when every request's loss is below this
+    early_stop_loss: float = 5e-2  # stop when every request's loss (stop_on) is below this
+    stop_on: str = "loss"  # loss: the whole objective (reference code); nll: the target's NLL alone
     kl_prompt: str = "{} is a"
     chunk: int = 8  # requests optimised together in one batch
 
@@ -112,7 +113,8 @@ def _optimize_chunk(model, tok, adapter, requests, templates, module, layer, s: 
             losses = per_req.tolist()
             for i in range(n):
                 steps[i] = step + 1
-            if all(x < s.early_stop_loss for x in losses) or step == s.steps - 1:
+            watched = nll.tolist() if s.stop_on == "nll" else losses
+            if all(x < s.early_stop_loss for x in watched) or step == s.steps - 1:
                 break
             opt.zero_grad()
             per_req.sum().backward()

@@ -17,6 +17,16 @@ def _first(x):
     return x[0] if isinstance(x, tuple) else x
 
 
+@contextlib.contextmanager
+def _hooked(module: nn.Module, hook) -> Iterator[None]:
+    """Register a forward hook for the duration of the block."""
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 @dataclass
 class Capture:
     """What one module saw: one entry per forward call (the hook keeps every call, e.g. under generate)."""
@@ -88,11 +98,8 @@ def add_to_output(
         hidden[rows, p] = hidden[rows, p] + vec
         return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
 
-    handle = module.register_forward_hook(hook)
-    try:
+    with _hooked(module, hook):
         yield
-    finally:
-        handle.remove()
 
 
 @contextlib.contextmanager
@@ -108,11 +115,8 @@ def replace_output(module: nn.Module, hidden: torch.Tensor, positions: torch.Ten
             new[positions[:, 0], positions[:, 1]] = hidden.to(cur.dtype)
         return (new, *out[1:]) if isinstance(out, tuple) else new
 
-    handle = module.register_forward_hook(hook)
-    try:
+    with _hooked(module, hook):
         yield
-    finally:
-        handle.remove()
 
 
 @contextlib.contextmanager

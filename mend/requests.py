@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mend.errors import RequestError
+from mend.io import read_json_or_lines
 
 MAX_CHARS = 2000
 
@@ -155,19 +155,8 @@ def _space(t: Any) -> Any:
 
 def load_requests(path: str | Path) -> list[EditRequest]:
     """Read requests from a JSON array, a single JSON object, or JSON lines; errors name the record index."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise RequestError(f"cannot read request file '{path}': {getattr(e, 'strerror', None) or e}") from e
-    try:
-        data = json.loads(text)
-        records = data if isinstance(data, list) else [data]
-    except json.JSONDecodeError:
-        try:
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as e:
-            raise RequestError(f"'{path}' is neither JSON nor JSON lines: {e}") from e
+    data = read_json_or_lines(path, "request", RequestError)
+    records = data if isinstance(data, list) else [data]
     if not records:
         raise RequestError(f"'{path}' holds no requests")
     out = []

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -10,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from mend.errors import MendError, RequestError
+from mend.io import read_json_or_lines
 from mend.requests import EditRequest
 
 log = logging.getLogger(__name__)
@@ -28,18 +28,7 @@ class EditDataset:
 
 def read_json_records(path: str | Path) -> list[Any]:
     """A JSON array (or JSON lines) from a file; errors are MendErrors that name the file."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise MendError(f"cannot read data file '{path}': {getattr(e, 'strerror', None) or e}") from e
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        try:
-            data = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as e:
-            raise MendError(f"'{path}' is neither JSON nor JSON lines: {e}") from e
+    data = read_json_or_lines(path, "data")
     if not isinstance(data, list):
         raise MendError(f"'{path}' must hold a JSON array of records")
     return data
