@@ -114,7 +114,7 @@ class Evaluator:
                    ) -> dict[str, float | None]:
         out: dict[str, float | None] = {}
         for key in (*RECORD_KEYS, "fluency"):
-            m = MeanMetric()
+            m = MeanMetric().set_dtype(torch.float64)
             for r in recs:
                 if r.get(key) is not None:
                     m.update(float(r[key]))
