@@ -69,7 +69,7 @@ class StatsCache:
 def guard(deltas: dict[WeightRef, torch.Tensor], weights: dict[WeightRef, torch.Tensor], s: GuardSettings,
           ) -> str | None:
     """The reason to reject these deltas, or None. Logs a warning when action is 'warn'."""
-    if s.action == "off":
+    if str(s.action).lower() in ("off", "false", "no"):  # YAML reads a bare `off` as false
         return None
     if s.action not in ("reject", "warn"):
         raise MendError(f"guard.action must be reject, warn or off, got '{s.action}'")

@@ -1,0 +1,98 @@
+"""Closed-form editors end to end on tiny models: the Editor contract, effect on the target, guard, state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_params_identical, param_clones
+
+from mend.adapters import get_adapter
+from mend.editor import apply_edit, create_editor
+from mend.requests import make_request
+from mend.scoring import score_targets
+
+FAST = {"stats": {"corpus": "self", "tokens": 1024, "seq_len": 32}, "templates": {"spec": [[4, 2]]},
+        "value": {"lr": 0.5, "steps": 15, "weight_decay": 0.0, "clamp_norm_factor": 50.0}, "guard": {"action": "off"}}
+LAYERS = {"rome": {"layer": 1}, "r-rome": {"layer": 1}, "memit": {"layers": [1, 2]}, "emmet": {"layers": [1, 2]},
+          "alphaedit": {"layers": [1, 2], "null_threshold": 0.5, "null_relative": True}}
+REQS = [make_request("{} is in", "The tower", " Rome", " Paris"), make_request("{} plays", "Bob", " piano", " drums")]
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEND_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def _logprobs(model, tok):
+    return [s.logprob for s in score_targets(model, tok, [r.text for r in REQS], [r.target_new for r in REQS])]
+
+
+@pytest.mark.parametrize("model_name", ["tiny-llama", "tiny-gpt2"])
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_editor_contract_and_effect(tiny, model_name, name):
+    model, tok = tiny(model_name)
+    editor = create_editor(name, FAST, LAYERS[name])
+    before_params = param_clones(model)
+    before = _logprobs(model, tok)
+    result = editor.edit(model, tok, REQS)
+    assert_params_identical(model, before_params)  # edit() computes, never changes the model
+    adapter = get_adapter(model)
+    assert result.deltas
+    for ref, d in result.deltas.items():
+        assert d.shape == adapter.get_weight(ref).shape and torch.isfinite(d).all()
+    assert all(d.abs().max() > 0 for d in result.deltas.values())
+    handle = apply_edit(model, result)
+    after = _logprobs(model, tok)
+    handle.restore()
+    # A random tiny model cannot learn a 5-byte target through one position (v*'s loss stays ~log V), so only
+    # the mechanics are checked here; efficacy is measured on SmolLM2 (README, bench/).
+    assert after != before
+    assert_params_identical(model, before_params)
+
+
+def test_guard_rejects_and_leaves_the_model_unchanged(tiny):
+    model, tok = tiny("tiny-llama")
+    editor = create_editor("rome", FAST, LAYERS["rome"], {"guard": {"action": "reject", "max_norm_ratio": 1e-9}})
+    result = editor.edit(model, tok, REQS[:1])
+    assert result.deltas == {} and "rejected" in result.diagnostics["rejected"][0]
+
+
+def test_alphaedit_remembers_earlier_edits_until_reset(tiny):
+    model, tok = tiny("tiny-llama")
+    editor = create_editor("alphaedit", FAST, LAYERS["alphaedit"])
+    editor.edit(model, tok, REQS[:1])
+    assert editor._edited_keys
+    editor.reset()
+    assert not editor._edited_keys
+
+
+def test_rome_single_request_is_rank_one(tiny):
+    model, tok = tiny("tiny-llama")
+    result = create_editor("rome", FAST, LAYERS["rome"]).edit(model, tok, REQS[:1])
+    (d,) = result.deltas.values()
+    s = torch.linalg.svdvals(d.double())
+    assert s[1] < 1e-5 * s[0]
+
+
+def test_rome_several_requests_are_applied_in_turn(tiny):
+    model, tok = tiny("tiny-llama")
+    editor = create_editor("rome", FAST, LAYERS["rome"])
+    result = editor.edit(model, tok, REQS)
+    assert len(result.diagnostics["steps"]) == 2 and len(result.deltas) == 1
+
+
+def test_edit_command_with_rome(tmp_path, capsys):
+    import json
+
+    from mend.cli import run
+    from mend.edit import USAGE, main
+
+    out = tmp_path / "o.json"
+    argv = ["model=tiny-llama", "editor=rome", "editor.layer=1", "editor.stats.corpus=self", "editor.stats.tokens=1024",
+            "editor.stats.seq_len=32", "editor.templates.spec=[[4,2]]", "editor.guard.action=off",
+            "prompt={} is in", "subject=The tower", "target= Rome", f"json={out}"]
+    with pytest.raises(SystemExit) as exc:
+        run(main, USAGE, argv)
+    assert exc.value.code == 0, capsys.readouterr().err
+    (r,) = json.loads(out.read_text())["requests"]
+    assert r["p_new_after"] > r["p_new_before"]
