@@ -93,3 +93,11 @@ class ClosedFormSettings:
     templates: TemplateSettings = field(default_factory=TemplateSettings)
     stats: StatsSettings = field(default_factory=StatsSettings)
     guard: GuardSettings = field(default_factory=GuardSettings)
+
+
+def prepare_closed_form(editor, model: PreTrainedModel, tok: PreTrainedTokenizerBase, refs: list[WeightRef]) -> None:
+    """Load (or compute and cache) the statistics and the context templates an editor will need."""
+    from locate_edit.keys import context_templates
+
+    editor._stats.get(model, tok, refs)
+    context_templates(model, tok, editor.config.templates.spec, editor.config.templates.seed)

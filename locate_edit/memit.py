@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from locate_edit.common import ClosedFormSettings, StatsCache, guard
+from locate_edit.common import ClosedFormSettings, StatsCache, guard, prepare_closed_form
 from locate_edit.keys import context_templates, fill, last_token_index, module_io_at, request_keys
 from locate_edit.solvers import alphaedit_update, emmet_update, memit_update, null_space_projector
 from locate_edit.values import ValueSettings, optimize_values
@@ -65,11 +65,19 @@ class MEMITEditor(Editor):
     def reset(self) -> None:
         self._edited_keys = {}
 
+    def _refs(self, model: PreTrainedModel) -> list[WeightRef]:
+        adapter = get_adapter(model)
+        layers = sorted({adapter.resolve_layer(x) for x in self.config.layers})
+        return [adapter.weight_ref(layer, self.config.kind) for layer in layers]
+
+    def prepare(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+        prepare_closed_form(self, model, tokenizer, self._refs(model))
+
     def edit(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, requests: list[EditRequest]) -> EditResult:
         cfg: MEMITConfig = self.config
         t0 = time.perf_counter()
         adapter = get_adapter(model)
-        refs = [adapter.weight_ref(layer, cfg.kind) for layer in sorted({adapter.resolve_layer(x) for x in cfg.layers})]
+        refs = self._refs(model)
         Cs = self._stats.get(model, tokenizer, refs)
         templates = context_templates(model, tokenizer, cfg.templates.spec, cfg.templates.seed)
         last = refs[-1].layer

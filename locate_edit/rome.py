@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from locate_edit.common import ClosedFormSettings, StatsCache, guard
+from locate_edit.common import ClosedFormSettings, StatsCache, guard, prepare_closed_form
 from locate_edit.keys import context_templates, request_keys
 from locate_edit.solvers import rome_update
 from locate_edit.values import ValueSettings, optimize_values
@@ -40,6 +40,9 @@ class ROMEEditor(Editor):
         if self.config.key_mode not in ("prompt", "average"):
             raise ConfigError(f"key_mode must be prompt or average, got '{self.config.key_mode}'")
         self._stats = StatsCache(self.config.stats)
+
+    def prepare(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+        prepare_closed_form(self, model, tokenizer, [get_adapter(model).weight_ref(self.config.layer, self.config.kind)])
 
     def edit(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, requests: list[EditRequest]) -> EditResult:
         cfg: ROMEConfig = self.config

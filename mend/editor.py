@@ -115,6 +115,9 @@ class Editor(ABC):
     def reset(self) -> None:  # noqa: B027  (optional hook)
         """Forget state kept across edits."""
 
+    def prepare(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:  # noqa: B027
+        """Do once-per-model work (statistics, templates) before edits are timed; optional."""
+
 
 # name -> "module:Class"; imported on first use so that mend never imports locate_edit directly
 _BUILTIN: dict[str, str] = {

