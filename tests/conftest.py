@@ -47,3 +47,25 @@ def assert_params_identical(model: torch.nn.Module, saved: dict[str, torch.Tenso
     assert current.keys() == saved.keys()
     changed = [n for n, p in current.items() if not torch.equal(p.detach(), saved[n])]
     assert not changed, f"parameters not restored bit for bit: {changed[:5]}"
+
+
+# --- statistics tests: opt in with `pytestmark = pytest.mark.usefixtures("isolated_cache")` ---
+WORDS = ("the tower stands in a city by the river and many people visit it every year while others "
+         "write about its long history of builders kings wars trade music and the quiet streets nearby").split()
+
+
+@pytest.fixture
+def isolated_cache(tmp_path, monkeypatch):
+    """Every test gets an empty cache and data folder (no WikiText: `auto` means `self`)."""
+    monkeypatch.setenv("MEND_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("MEND_DATA_DIR", str(tmp_path / "data"))
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    """About 6000 bytes of text (6000 tokens for the byte tokenizer of the tiny models)."""
+    gen = torch.Generator().manual_seed(0)
+    lines = [" ".join(WORDS[int(i)] for i in torch.randint(len(WORDS), (12,), generator=gen)) for _ in range(100)]
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
