@@ -44,8 +44,7 @@ def context_templates(
             enc = tok(OPENINGS[i % len(OPENINGS)], return_tensors="pt").to(model.device)
             with torch.no_grad():
                 ids = model.generate(**enc, do_sample=True, top_k=5, max_new_tokens=length, pad_token_id=pad)
-            start = 0 if model.config.is_encoder_decoder else 0
-            text = tok.decode(ids[0, start:], skip_special_tokens=True).replace("{", " ").replace("}", " ")
+            text = tok.decode(ids[0], skip_special_tokens=True).replace("{", " ").replace("}", " ")
             out.append(" ".join(text.split()) + ". {}")
     if cache:
         write_json(path, out)
@@ -72,6 +71,18 @@ def last_token_index(tok: PreTrainedTokenizerBase, text: str, span: tuple[int, i
     if best is None:
         raise ValueError(f"subject span {span} not found in the tokens of {text!r}")
     return best
+
+
+def subject_rows(tok: PreTrainedTokenizerBase, requests: Sequence[EditRequest], templates: Sequence[str],
+                 ) -> tuple[list[str], list[int]]:
+    """Every request in every template (request-major), with the index of the subject's last token in each."""
+    texts, pos = [], []
+    for r in requests:
+        for t in templates:
+            text, span = fill(t, r)
+            texts.append(text)
+            pos.append(last_token_index(tok, text, span))
+    return texts, pos
 
 
 @torch.no_grad()
@@ -109,12 +120,7 @@ def request_keys(
     requests: Sequence[EditRequest], templates: Sequence[str],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(n, d_in) keys averaged over ``templates`` and (n, d_in) keys of each request's own prompt."""
-    texts, pos = [], []
-    for r in requests:
-        for t in templates:
-            text, span = fill(t, r)
-            texts.append(text)
-            pos.append(last_token_index(tok, text, span))
+    texts, pos = subject_rows(tok, requests, templates)
     k = keys_at(model, tok, adapter, ref, texts, pos).view(len(requests), len(templates), -1)
     own = [i for i, t in enumerate(templates) if t == "{}"]
     bare = k[:, own[0]] if own else request_keys(model, tok, adapter, ref, requests, ["{}"])[0]

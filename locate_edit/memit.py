@@ -22,11 +22,11 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from locate_edit.common import ClosedFormSettings, StatsCache, guard, prepare_closed_form
-from locate_edit.keys import context_templates, fill, last_token_index, module_io_at, request_keys
+from locate_edit.keys import context_templates, module_io_at, request_keys, subject_rows
 from locate_edit.solvers import alphaedit_update, emmet_update, memit_update, null_space_projector
 from locate_edit.values import ValueSettings, optimize_values
 from mend.adapters import WeightRef, get_adapter
-from mend.editor import Editor, EditResult, apply_edit, register_editor
+from mend.editor import Editor, EditResult, register_editor, trial_edits
 from mend.errors import ConfigError
 from mend.requests import EditRequest
 
@@ -86,16 +86,11 @@ class MEMITEditor(Editor):
         vals = optimize_values(model, tokenizer, adapter, requests, templates, out_module, last, cfg.value)
         v_seconds = time.perf_counter() - t_v
         z = vals.init + vals.delta  # (n, d) targets of the residual stream after block L
-        texts, pos = [], []
-        for r in requests:
-            text, span = fill("{}", r)
-            texts.append(text)
-            pos.append(last_token_index(tokenizer, text, span))
+        texts, pos = subject_rows(tokenizer, requests, ["{}"])
         deltas: dict[WeightRef, torch.Tensor] = {}
         keys: dict[WeightRef, torch.Tensor] = {}
-        handles = []
         diag: dict = {"v_seconds": v_seconds, "steps": vals.steps, "loss": vals.final_loss}
-        try:
+        with trial_edits(model, adapter) as apply:
             for i, ref in enumerate(refs):
                 K = request_keys(model, tokenizer, adapter, ref, requests, templates)[0].T.double()  # (d_in, n)
                 cur = module_io_at(model, tokenizer, adapter, out_module, texts, pos, output=True)  # (n, d)
@@ -108,10 +103,7 @@ class MEMITEditor(Editor):
                     deltas = {}
                     break
                 deltas[ref], keys[ref] = d, K
-                handles.append(apply_edit(model, EditResult({ref: d}), adapter))
-        finally:
-            for h in reversed(handles):
-                h.restore()
+                apply(EditResult({ref: d}))
         if cfg.solver == "alphaedit" and deltas:
             for ref, K in keys.items():
                 prev = self._edited_keys.get(ref.param)

@@ -18,7 +18,7 @@ from locate_edit.keys import context_templates, request_keys
 from locate_edit.solvers import rome_update
 from locate_edit.values import ValueSettings, optimize_values
 from mend.adapters import get_adapter
-from mend.editor import Editor, EditResult, apply_edit, register_editor
+from mend.editor import Editor, EditResult, register_editor, trial_edits
 from mend.errors import ConfigError
 from mend.requests import EditRequest
 
@@ -52,8 +52,8 @@ class ROMEEditor(Editor):
         C = self._stats.get(model, tokenizer, [ref])[ref]
         templates = context_templates(model, tokenizer, cfg.templates.spec, cfg.templates.seed)
         total = None
-        handles, diag = [], {"steps": [], "loss": [], "rejected": []}
-        try:
+        diag: dict = {"steps": [], "loss": [], "rejected": []}
+        with trial_edits(model, adapter) as apply:
             for req in requests:  # each edit sees the previous ones
                 k_avg, k_own = request_keys(model, tokenizer, adapter, ref, [req], templates)
                 vals = optimize_values(model, tokenizer, adapter, [req], templates, adapter.module(ref), ref.layer,
@@ -71,10 +71,7 @@ class ROMEEditor(Editor):
                     continue
                 total = d if total is None else total + d
                 if len(requests) > 1:
-                    handles.append(apply_edit(model, EditResult({ref: d}), adapter))
-        finally:
-            for h in reversed(handles):
-                h.restore()
+                    apply(EditResult({ref: d}))
         deltas = {} if total is None else {ref: total}
         return EditResult(deltas, diag, time.perf_counter() - t0)
 

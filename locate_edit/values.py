@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from locate_edit.keys import fill, last_token_index
+from locate_edit.keys import last_token_index, subject_rows
 from mend.adapters import ModelAdapter
 from mend.adapters.partial import start_at_layer, supports_partial
 from mend.hooks import add_to_output, capture
@@ -60,13 +60,11 @@ def optimize_values(
 
 def _rows(tok: PreTrainedTokenizerBase, requests: Sequence[EditRequest], templates: Sequence[str], kl_prompt: str):
     """Rewriting rows (every template, teacher-forced target) then one KL row per request."""
-    prompts, targets, pos, owner, is_kl = [], [], [], [], []
     assert templates[0] == "{}", "the first template must be the bare prompt"
-    for i, r in enumerate(requests):
-        for t in templates:
-            text, span = fill(t, r)
-            prompts.append(text), targets.append(r.target_new), owner.append(i), is_kl.append(False)
-            pos.append(last_token_index(tok, text, span))
+    prompts, pos = subject_rows(tok, requests, templates)
+    owner = [i for i in range(len(requests)) for _ in templates]
+    targets = [requests[i].target_new for i in owner]
+    is_kl = [False] * len(owner)
     for i, r in enumerate(requests):
         text = kl_prompt.replace("{}", r.subject)
         start = kl_prompt.index("{}")
@@ -86,7 +84,6 @@ def _optimize_chunk(model, tok, adapter, requests, templates, module, layer, s: 
     with torch.no_grad(), capture({"m": module, "b": block}, inputs=True, outputs=True) as cap:
         tlogits0 = forward_target_logits(model, batch)
     out0 = cap["m"].output
-    rows = torch.arange(len(prompts), device=dev)
     first = torch.tensor([owner.tolist().index(i) for i in range(n)], device=dev)  # bare-prompt row per request
     init = out0[first, pos[first]].float()  # (n, d)
     hidden_in = cap["b"].input if partial else None
@@ -122,5 +119,4 @@ def _optimize_chunk(model, tok, adapter, requests, templates, module, layer, s: 
             with torch.no_grad():
                 scale = (max_norm / delta.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
                 delta.mul_(scale.unsqueeze(1))
-    del rows
     return Values(delta.detach(), init, steps, losses)

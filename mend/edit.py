@@ -19,7 +19,7 @@ from mend.editor import apply_edit, create_editor, editor_class
 from mend.errors import ConfigError
 from mend.io import write_json
 from mend.models import load_model
-from mend.requests import EditRequest, load_requests, make_request
+from mend.requests import EditRequest, load_requests, make_request, with_leading_space
 from mend.scoring import encode_pair, greedy_ids, greedy_text, score_targets
 
 USAGE = """
@@ -80,11 +80,8 @@ def read_requests(cfg: Any) -> list[EditRequest]:
         raise ConfigError(f"prompt has no '{{}}' placeholder: write it as {prompt.replace(subject, '{}', 1)!r}")
     target = inline["target"]
     true = inline.get("target_true")
-    return [make_request(inline["prompt"], inline["subject"], _lead(target), _lead(true) if true else None)]
-
-
-def _lead(t: Any) -> Any:
-    return t if not isinstance(t, str) or t.startswith(" ") or not t.strip() else " " + t
+    return [make_request(inline["prompt"], inline["subject"], with_leading_space(target),
+                         with_leading_space(true) if true else None)]
 
 
 def with_true_targets(model: PreTrainedModel, tok: PreTrainedTokenizerBase, reqs: list[EditRequest]) -> list[EditRequest]:

@@ -6,7 +6,7 @@ import contextlib
 import importlib
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -85,13 +85,23 @@ def apply_edit(model: PreTrainedModel, result: EditResult, adapter: ModelAdapter
 
 
 @contextlib.contextmanager
+def trial_edits(model: PreTrainedModel, adapter: ModelAdapter | None = None) -> Iterator[Callable[[EditResult], None]]:
+    """Yield ``apply(result)``: results applied inside the block are seen by later computations and all undone,
+    newest first, when it exits (also on an exception). Editors use it to build an edit step by step."""
+    handles: list[AppliedEdit] = []
+    try:
+        yield lambda result: handles.append(apply_edit(model, result, adapter))
+    finally:
+        for h in reversed(handles):
+            h.restore()
+
+
+@contextlib.contextmanager
 def edited(model: PreTrainedModel, result: EditResult) -> Iterator[PreTrainedModel]:
     """Apply ``result`` for the duration of the block; always restore afterwards."""
-    handle = apply_edit(model, result)
-    try:
+    with trial_edits(model) as apply:
+        apply(result)
         yield model
-    finally:
-        handle.restore()
 
 
 class Editor(ABC):

@@ -120,10 +120,10 @@ def replace_output(module: nn.Module, hidden: torch.Tensor, positions: torch.Ten
 
 
 @contextlib.contextmanager
-def weight_deltas(pairs: Sequence[tuple[nn.Module, torch.Tensor, bool]]) -> Iterator[None]:
-    """Run modules as if their weight were ``W + Δ`` without touching ``W``: each hook adds the input times Δ to
-    the output. ``pairs`` holds (module, Δ in the ``(d_out, d_in)`` convention, stored transposed?); the result
-    is differentiable in Δ."""
+def weight_deltas(pairs: Sequence[tuple[nn.Module, torch.Tensor]]) -> Iterator[None]:
+    """Run modules as if their weight were ``W + Δ`` without touching ``W``: each hook adds ``x Δᵀ`` to the output
+    (right for ``nn.Linear`` and GPT-2's ``Conv1D`` alike, since Δ is in the ``(d_out, d_in)`` convention).
+    ``pairs`` holds (module, Δ); the result is differentiable in Δ."""
 
     def make_hook(delta: torch.Tensor):
         def hook(_mod, args, out):
@@ -132,7 +132,7 @@ def weight_deltas(pairs: Sequence[tuple[nn.Module, torch.Tensor, bool]]) -> Iter
 
         return hook
 
-    handles = [mod.register_forward_hook(make_hook(d)) for mod, d, _transposed in pairs]
+    handles = [mod.register_forward_hook(make_hook(d)) for mod, d in pairs]
     try:
         yield
     finally:

@@ -146,11 +146,16 @@ def _target_str(t: Any) -> Any:
     return _space(t) if isinstance(t, str) else t
 
 
+def with_leading_space(t: Any) -> Any:
+    """Targets continue a prompt: give a non-empty string the leading space that separates words."""
+    return t if not isinstance(t, str) or t.startswith(" ") or not t.strip() else " " + t
+
+
 def _space(t: Any) -> Any:
-    """Targets continue a prompt: give them the leading space that separates words."""
+    """A target from a record; a list holds alternatives: the first is taken."""
     if isinstance(t, list) and t:
         t = t[0]
-    return t if not isinstance(t, str) or t.startswith(" ") or not t.strip() else " " + t
+    return with_leading_space(t)
 
 
 def load_requests(path: str | Path) -> list[EditRequest]:

@@ -65,7 +65,7 @@ def test_weight_delta_hook_equals_changed_weight(tiny, name):
     ref = adapter.weight_refs(kinds=["mlp_out"], layers=[1])[0]
     delta = torch.randn_like(adapter.get_weight(ref)) * 0.1
     batch = make_batch(tok, ["The tower is in"], [" Rome"], model)
-    with weight_deltas([(adapter.module(ref), delta, ref.transposed)]):
+    with weight_deltas([(adapter.module(ref), delta)]):
         hooked = model(**batch.inputs).logits
     with torch.no_grad():
         adapter.parameter(ref).add_(adapter.to_stored(ref, delta))

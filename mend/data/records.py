@@ -10,7 +10,7 @@ from typing import Any
 
 from mend.errors import MendError, RequestError
 from mend.io import read_json_or_lines
-from mend.requests import EditRequest
+from mend.requests import EditRequest, with_leading_space
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,7 @@ def space(t: Any) -> str:
         t = t["str"]
     if not isinstance(t, str):
         raise RequestError(f"a target must be a string, got {type(t).__name__}")
-    t = t.rstrip()
-    return t if t.startswith(" ") else " " + t
+    return with_leading_space(t.rstrip())
 
 
 def strings(x: Any) -> list[str]:

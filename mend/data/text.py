@@ -52,25 +52,6 @@ def chunk_tokens(tok: PreTrainedTokenizerBase, paragraphs: list[str], n_chunks: 
     return torch.tensor(ids[: n * chunk_len]).view(n, chunk_len)
 
 
-@torch.no_grad()
-def sample_tokens(model: PreTrainedModel, tok: PreTrainedTokenizerBase, n_chunks: int, chunk_len: int,
-                  seed: int = 0) -> torch.Tensor:
-    """(n, chunk_len) token ids sampled from the model (temperature 1, top-k 50) after short neutral openings."""
-    openings = ["The", "In", "A", "It", "This", "When", "On", "There", "After", "Many"]
-    gen = torch.Generator().manual_seed(seed)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    rows = []
-    for i in range(n_chunks):
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-        enc = tok(openings[i % len(openings)], return_tensors="pt").to(model.device)
-        out = model.generate(**enc, do_sample=True, top_k=50, max_new_tokens=chunk_len, min_new_tokens=chunk_len,
-                             pad_token_id=pad)
-        seq = out[0] if model.config.is_encoder_decoder else out[0, enc.input_ids.shape[1]:]
-        rows.append(seq[:chunk_len].cpu())
-    n = min(len(r) for r in rows)
-    return torch.stack([r[:n] for r in rows])
-
-
 def drawdown_tokens(model: PreTrainedModel, tok: PreTrainedTokenizerBase, source: str, n_chunks: int,
                     chunk_len: int, seed: int = 0) -> torch.Tensor | None:
     """Token chunks for perplexity drawdown: ``auto`` (WikiText from the data folder, else model samples),
@@ -81,7 +62,7 @@ def drawdown_tokens(model: PreTrainedModel, tok: PreTrainedTokenizerBase, source
         f = default_text_file()
         source = str(f) if f else "self"
     if source == "self":
-        return sample_tokens(model, tok, n_chunks, chunk_len, seed)
+        return sample_token_batch(model, tok, n_chunks, chunk_len, seed)
     return chunk_tokens(tok, read_text(source), n_chunks, chunk_len)
 
 
@@ -106,7 +87,7 @@ def sample_token_batch(model: PreTrainedModel, tok: PreTrainedTokenizerBase, n_s
                        seed: int = 0, batch_size: int = 32, progress: bool = False) -> torch.Tensor:
     """(n_seqs, seq_len) token ids sampled from the model (temperature 1, top-k 50), ``batch_size`` rows at a time.
 
-    The batched counterpart of :func:`sample_tokens`, for corpora of many thousand tokens. Each row starts from a
+    Used for perplexity drawdown text and for statistics corpora of many thousand tokens. Each row starts from a
     one-token opening (cycling over :data:`SAMPLE_OPENINGS`) that is not part of the row, so no row is padded.
     Deterministic for a given seed and batch size; the caller's random state is left as it was.
     """

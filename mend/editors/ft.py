@@ -49,7 +49,7 @@ class FTEditor(Editor):
         opt = torch.optim.Adam(deltas.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         batch = make_batch(tokenizer, [r.text for r in requests], [r.target_new for r in requests], model)
         losses: list[float] = []
-        pairs = [(modules[name], d, False) for name, d in deltas.items()]
+        pairs = [(modules[name], d) for name, d in deltas.items()]
         for _ in range(cfg.steps):
             with weight_deltas(pairs):
                 loss = nll_at_targets(forward_target_logits(model, batch), batch)

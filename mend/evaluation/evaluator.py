@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,20 +91,22 @@ class Evaluator:
         return prompt + self.tok.decode(out[0, start:], skip_special_tokens=True)
 
     def _measure(self, idx: Sequence[int]) -> list[dict[str, Any]]:
+        """Records for requests ``idx``, against the unedited references once pre() has run."""
+        return self._measure_with_refs(idx)[0]
+
+    def _measure_with_refs(self, idx: Sequence[int]) -> tuple[list[dict[str, Any]], list[Reference]]:
         reqs = [self.requests[i] for i in idx]
         refs = [self._refs[i] for i in idx] if self._refs else None
-        recs, _ = measure(self.model, self.tok, reqs, self.style, refs, self.s.batch_size)
+        recs, new_refs = measure(self.model, self.tok, reqs, self.style, refs, self.s.batch_size)
         for i, rec, flu in zip(idx, recs, self._fluency(reqs)):
             rec["id"] = self.requests[i].meta.get("case_id", i)
             rec["fluency"] = flu
-        return recs
+        return recs, new_refs
 
     def pre(self) -> EditorRun:
         """The unedited model's metrics (computed once; also keeps the references for KL and zsRE locality)."""
         if self._pre is None:
-            recs, self._refs = measure(self.model, self.tok, self.requests, self.style, None, self.s.batch_size)
-            for i, (rec, flu) in enumerate(zip(recs, self._fluency(self.requests))):
-                rec["id"], rec["fluency"] = self.requests[i].meta.get("case_id", i), flu
+            recs, self._refs = self._measure_with_refs(range(len(self.requests)))
             self._pre_ppl = self._ppl()
             self._pre = EditorRun(self._aggregate(recs, None), recs)
             self._pre.metrics["ppl"] = self._pre_ppl
@@ -226,6 +228,3 @@ def _mean_of(recs: list[dict[str, Any]], key: str, ids: list[Any]) -> float | No
     wanted = set(ids)
     vals = [r[key] for r in recs if r["id"] in wanted and r.get(key) is not None]
     return sum(vals) / len(vals) if vals else None
-
-
-ProgressFn = Callable[[int], None]
