@@ -4,6 +4,7 @@ instance, and the guard against disabling edits."""
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -25,12 +26,16 @@ class StatsSettings:
 
 @dataclass
 class GuardSettings:
-    """Reject an update whose relative size ‖ΔW‖_F / ‖W‖_F exceeds ``max_norm_ratio`` (a disabling edit).
-    ``action``: reject (return no change, with the reason in the diagnostics), warn, or off."""
+    """When an update counts as a disabling edit: its relative size ‖ΔW‖_F / ‖W‖_F exceeds ``max_norm_ratio``, or
+    it raises the perplexity of held-out text (``text_chunks`` × ``text_len`` tokens sampled once from the model) by
+    more than ``max_ppl_increase`` (relative; 0 turns this check off). ``action``: reject (return no change, with
+    the reason in the diagnostics), warn, or off."""
 
     action: str = "reject"
-    max_norm_ratio: float = 0.25
-
+    max_norm_ratio: float = 1.0
+    max_ppl_increase: float = 0.5
+    text_chunks: int = 4
+    text_len: int = 64
 
 def default_templates() -> list[list[int]]:
     return [[10, 5]]
@@ -66,23 +71,77 @@ class StatsCache:
         return {r: self._mem[(fp, r.param)] for r in refs}
 
 
-def guard(deltas: dict[WeightRef, torch.Tensor], weights: dict[WeightRef, torch.Tensor], s: GuardSettings,
-          ) -> str | None:
-    """The reason to reject these deltas, or None. Logs a warning when action is 'warn'."""
-    if str(s.action).lower() in ("off", "false", "no"):  # YAML reads a bare `off` as false
+class Guard:
+    """Checks each update before it is kept (see :class:`GuardSettings`); holds the held-out text per model."""
+
+    def __init__(self, settings: GuardSettings):
+        self.s = settings
+        if self.off:
+            return
+        if settings.action not in ("reject", "warn"):
+            raise MendError(f"guard.action must be reject, warn or off, got '{settings.action}'")
+        self._text: dict[str, torch.Tensor] = {}
+
+    @property
+    def off(self) -> bool:
+        return str(self.s.action).lower() in ("off", "false", "no")  # YAML reads a bare `off` as false
+
+    def prepare(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> None:
+        """Sample the held-out text from the (unedited) model, once per model."""
+        if self.off or self.s.max_ppl_increase <= 0:
+            return
+        fp = fingerprint(model)
+        if fp not in self._text:
+            from mend.data.text import sample_token_batch
+
+            self._text[fp] = sample_token_batch(model, tok, self.s.text_chunks, self.s.text_len, seed=GUARD_SEED)
+
+    def check(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, deltas: dict[WeightRef, torch.Tensor],
+              perplexity: bool = True) -> str | None:
+        """The reason to reject ``deltas`` (on top of the model's current weights), or None; warns instead when
+        ``action`` is warn. ``perplexity=False`` checks the norms only (cheap, e.g. per layer)."""
+        if self.off:
+            return None
+        reason = self._reason(model, tok, deltas, perplexity)
+        if reason and self.s.action == "warn":
+            log.warning(reason)
+            return None
+        return reason
+
+    def _reason(self, model, tok, deltas, perplexity: bool) -> str | None:
+        from mend.adapters import get_adapter
+        from mend.editor import EditResult, edited
+
+        adapter = get_adapter(model)
+        for ref, d in deltas.items():
+            ratio = float(d.norm() / adapter.get_weight(ref).float().norm().clamp_min(1e-12))
+            if not torch.isfinite(d).all() or ratio > self.s.max_norm_ratio:
+                return (f"update of {ref.label} rejected: ‖ΔW‖/‖W‖ = {ratio:.3g} > {self.s.max_norm_ratio} "
+                        "(a disabling edit; raise guard.max_norm_ratio or set guard.action=warn to allow it)")
+        if not perplexity or self.s.max_ppl_increase <= 0:
+            return None
+        self.prepare(model, tok)
+        text = self._text[fingerprint(model)]
+        before = _ppl(model, text)
+        with edited(model, EditResult(deltas)):
+            after = _ppl(model, text)
+        rise = after / before - 1
+        if not math.isfinite(rise) or rise > self.s.max_ppl_increase:
+            return (f"update of {', '.join(r.label for r in deltas)} rejected: held-out perplexity {before:.3g} -> "
+                    f"{after:.3g} (+{rise:.0%} > {self.s.max_ppl_increase:.0%}; a disabling edit; raise "
+                    "guard.max_ppl_increase or set guard.action=warn to allow it)")
         return None
-    if s.action not in ("reject", "warn"):
-        raise MendError(f"guard.action must be reject, warn or off, got '{s.action}'")
-    for ref, d in deltas.items():
-        ratio = float(d.norm() / weights[ref].float().norm().clamp_min(1e-12))
-        if not torch.isfinite(d).all() or ratio > s.max_norm_ratio:
-            reason = (f"update of {ref.label} rejected: ‖ΔW‖/‖W‖ = {ratio:.3g} > {s.max_norm_ratio} "
-                      "(a disabling edit; raise guard.max_norm_ratio or set guard.action=warn to allow it)")
-            if s.action == "warn":
-                log.warning(reason)
-                return None
-            return reason
-    return None
+
+
+GUARD_SEED = 7919  # the held-out text differs from the drawdown text of the evaluator (seed 0)
+
+
+@torch.no_grad()
+def _ppl(model: PreTrainedModel, chunks: torch.Tensor) -> float:
+    from mend.evaluation.measure import text_nll
+
+    nll, count = text_nll(model, chunks)
+    return math.exp(nll / max(count, 1))
 
 
 @dataclass
@@ -100,4 +159,5 @@ def prepare_closed_form(editor, model: PreTrainedModel, tok: PreTrainedTokenizer
     from locate_edit.keys import context_templates
 
     editor._stats.get(model, tok, refs)
+    editor._guard.prepare(model, tok)
     context_templates(model, tok, editor.config.templates.spec, editor.config.templates.seed)

@@ -102,7 +102,7 @@ def module_io_at(
     """(n, d) input (or output) of ``module`` at one token per text; the forward pass stops at that module."""
     out = []
     for s in range(0, len(texts), batch_size):
-        enc = tok(list(texts[s : s + batch_size]), return_tensors="pt", padding=True).to(model.device)
+        enc = tok(list(texts[s : s + batch_size]), return_tensors="pt", padding=True, padding_side="right").to(model.device)
         kwargs = dict(enc)
         if adapter.is_encoder_decoder:
             kwargs["decoder_input_ids"] = torch.full((len(enc.input_ids), 1), model.config.decoder_start_token_id,

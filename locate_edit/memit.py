@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from locate_edit.common import ClosedFormSettings, StatsCache, guard, prepare_closed_form
+from locate_edit.common import ClosedFormSettings, Guard, StatsCache, prepare_closed_form
 from locate_edit.keys import context_templates, module_io_at, request_keys, subject_rows
 from locate_edit.solvers import alphaedit_update, emmet_update, memit_update, null_space_projector
 from locate_edit.values import ValueSettings, optimize_values
@@ -59,6 +59,7 @@ class MEMITEditor(Editor):
         if self.config.solver not in SOLVERS:
             raise ConfigError(f"solver must be one of {', '.join(SOLVERS)}, got '{self.config.solver}'")
         self._stats = StatsCache(self.config.stats)
+        self._guard = Guard(self.config.guard)
         self._projectors: dict[str, torch.Tensor] = {}
         self._edited_keys: dict[str, torch.Tensor] = {}  # AlphaEdit: Σ K_p K_pᵀ of earlier edits, per weight
 
@@ -97,13 +98,16 @@ class MEMITEditor(Editor):
                 R = ((z - cur).T / (len(refs) - i)).double()  # (d_out, n)
                 W = adapter.get_weight(ref).detach()
                 d = self._solve(ref, W, Cs[ref], K, R).to(W.dtype)
-                reason = guard({ref: d}, {ref: W}, cfg.guard)
+                reason = self._guard.check(model, tokenizer, {ref: d}, perplexity=False)
                 if reason:
                     diag["rejected"] = [reason]
                     deltas = {}
                     break
                 deltas[ref], keys[ref] = d, K
                 apply(EditResult({ref: d}))
+        reason = self._guard.check(model, tokenizer, deltas) if deltas else None
+        if reason:
+            diag["rejected"], deltas = [reason], {}
         if cfg.solver == "alphaedit" and deltas:
             for ref, K in keys.items():
                 prev = self._edited_keys.get(ref.param)

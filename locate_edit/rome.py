@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from locate_edit.common import ClosedFormSettings, StatsCache, guard, prepare_closed_form
+from locate_edit.common import ClosedFormSettings, Guard, StatsCache, prepare_closed_form
 from locate_edit.keys import context_templates, request_keys
 from locate_edit.solvers import rome_update
 from locate_edit.values import ValueSettings, optimize_values
@@ -40,6 +40,7 @@ class ROMEEditor(Editor):
         if self.config.key_mode not in ("prompt", "average"):
             raise ConfigError(f"key_mode must be prompt or average, got '{self.config.key_mode}'")
         self._stats = StatsCache(self.config.stats)
+        self._guard = Guard(self.config.guard)
 
     def prepare(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
         prepare_closed_form(self, model, tokenizer, [get_adapter(model).weight_ref(self.config.layer, self.config.kind)])
@@ -65,7 +66,7 @@ class ROMEEditor(Editor):
                 d = rome_update(W.float(), C, k_avg[0], v, k_norm[0])
                 diag["steps"].append(vals.steps[0])
                 diag["loss"].append(vals.final_loss[0])
-                reason = guard({ref: d}, {ref: W}, cfg.guard)
+                reason = self._guard.check(model, tokenizer, {ref: d})
                 if reason:
                     diag["rejected"].append(reason)
                     continue

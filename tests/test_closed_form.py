@@ -57,6 +57,23 @@ def test_guard_rejects_and_leaves_the_model_unchanged(tiny):
     assert result.deltas == {} and "rejected" in result.diagnostics["rejected"][0]
 
 
+@pytest.mark.parametrize("action", ["reject", "warn"])
+def test_guard_rejects_an_update_that_raises_heldout_perplexity(tiny, action):
+    from locate_edit.common import Guard, GuardSettings
+
+    model, tok = tiny("tiny-llama")
+    ref = get_adapter(model).weight_ref(1)
+    W = get_adapter(model).get_weight(ref)
+    guard = Guard(GuardSettings(action=action, max_norm_ratio=1e9, max_ppl_increase=0.05, text_chunks=2, text_len=8))
+    before_params = param_clones(model)
+    torch.manual_seed(0)
+    wrecking = {ref: 30 * W.norm() * torch.randn_like(W) / W.numel() ** 0.5}
+    reason = guard.check(model, tok, wrecking)
+    assert (reason is None) if action == "warn" else ("perplexity" in reason)
+    assert guard.check(model, tok, {ref: torch.zeros_like(W)}) is None
+    assert_params_identical(model, before_params)
+
+
 def test_alphaedit_remembers_earlier_edits_until_reset(tiny):
     model, tok = tiny("tiny-llama")
     editor = create_editor("alphaedit", FAST, LAYERS["alphaedit"])
