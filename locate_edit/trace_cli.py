@@ -26,10 +26,10 @@ at a time and measure how much of the probability of the model's own answer come
   data=NAME           known (ROME's known facts: subject, prompt, attribute), counterfact, builtin [known]
   data.path=PATH      the data file (default: its usual place under $MEND_DATA_DIR)
   data.limit=N        trace N facts (those passed over by correct_only do not count) [all]
-  data.correct_only=B keep only facts whose expected answer's first token the model predicts
-                      [false for known, true otherwise]; the traced answer is always the model's prediction
+  data.correct_only=B keep only facts whose expected answer's first token the model predicts, as the reference
+                      code does [true]; the traced answer is always the model's own prediction
   out=DIR             where the results go [runs/trace]
-  samples=N           noise draws per fact [3]
+  samples=N           noise draws per fact [1]; each draw costs a whole trace (3-10 for per-fact heatmaps)
   noise=X             noise std as a multiple of the std of the subjects' token embeddings [3.0]
   window=N            layers restored together for the MLP and attention traces [10]
   kinds=[...]         residual, mlp, attn [all three]
@@ -47,7 +47,7 @@ class TraceData:
     path: str | None = None
     limit: int | None = None
     on_error: str = "skip"
-    correct_only: bool | None = None
+    correct_only: bool = True
 
 
 @dataclass
@@ -82,9 +82,9 @@ def main(argv: list[str]) -> int:
         raise ConfigError(f"noise must be >= 0, got {cfg.noise}")
     if cfg.data.limit is not None and cfg.data.limit <= 0:
         raise ConfigError(f"data.limit must be positive, got {cfg.data.limit}")
-    from locate_edit.trace_facts import default_correct_only, load_facts, select_facts
+    from locate_edit.trace_facts import load_facts, select_facts
 
-    correct_only = default_correct_only(cfg.data.name) if cfg.data.correct_only is None else cfg.data.correct_only
+    correct_only = cfg.data.correct_only
     facts = load_facts(cfg.data.name, cfg.data.path, None if correct_only else cfg.data.limit, cfg.data.on_error)
     from mend.models import load_model
 
@@ -115,7 +115,8 @@ def _write(cfg: Any, model, traces, noise_std: float, passed: int, seconds: floa
     name = str(cfg.model.name)
     doc: dict[str, Any] = {
         "model": name, "fingerprint": fingerprint(model),
-        "data": {"name": cfg.data.name, "path": cfg.data.path, "n": len(traces), "passed_over": passed},
+        "data": {"name": cfg.data.name, "path": cfg.data.path, "n": len(traces), "passed_over": passed,
+                 "correct_only": cfg.data.correct_only},
         "settings": {"samples": cfg.samples, "noise": cfg.noise, "noise_std": noise_std, "window": cfg.window,
                      "kinds": list(cfg.kinds), "seed": cfg.seed},
         "seconds": round(seconds, 2),

@@ -31,12 +31,6 @@ def load_facts(name: str, path: str | None = None, limit: int | None = None, on_
     return [Fact.from_request(r) for r in ds.requests]
 
 
-def default_correct_only(name: str) -> bool:
-    """Known facts are traced on whatever the model predicts (the paper's choice); other data sets keep only the
-    records whose true object the model predicts."""
-    return name != "known"
-
-
 @torch.inference_mode()
 def select_facts(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Sequence[Fact], correct_only: bool,
                  limit: int | None = None) -> tuple[list[Fact], int]:

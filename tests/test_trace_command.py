@@ -45,8 +45,8 @@ def _cli(argv, capsys):
 
 def test_command_writes_heatmaps_json_and_the_layer_choice(knowns, tmp_path, capsys):
     out = tmp_path / "out"
-    code, stdout, err = _cli(["model=tiny-gpt2", "data=known", f"data.path={knowns}", "samples=2", "window=3",
-                              "per_fact=true", f"out={out}", "progress=false"], capsys)
+    code, stdout, err = _cli(["model=tiny-gpt2", "data=known", f"data.path={knowns}", "data.correct_only=false",
+                              "samples=2", "window=3", "per_fact=true", f"out={out}", "progress=false"], capsys)
     assert code == 0, err
     doc = json.loads((out / "trace.json").read_text())
     assert doc["data"]["n"] == 2 and len(doc["facts"]) == 2 and doc["fingerprint"].startswith("GPT2LMHeadModel")
@@ -64,12 +64,12 @@ def test_command_writes_heatmaps_json_and_the_layer_choice(knowns, tmp_path, cap
     assert f"rome {rome}" in stdout and "trace_average.png" in stdout
 
 
-def test_counterfact_keeps_only_facts_the_model_predicts(tmp_path, capsys):
+def test_only_facts_the_model_predicts_are_traced_by_default(tmp_path, knowns, capsys):
     path = tmp_path / "cf.json"
     path.write_text(json.dumps(COUNTERFACT))
-    code, _, err = _cli(["model=tiny-gpt2", "data=counterfact", f"data.path={path}", "out=" + str(tmp_path / "o"),
-                         "progress=false"], capsys)
-    assert code == 2 and "no fact to trace" in err and err.count("\n") == 1  # a random model knows no capital
+    for data in (["data=counterfact", f"data.path={path}"], [f"data.path={knowns}"]):
+        code, _, err = _cli(["model=tiny-gpt2", *data, "out=" + str(tmp_path / "o"), "progress=false"], capsys)
+        assert code == 2 and "no fact to trace" in err and err.count("\n") == 1  # a random model knows no capital
     code, _, err = _cli(["model=tiny-gpt2", "data=counterfact", f"data.path={path}", "data.correct_only=false",
                          "samples=1", "kinds=[mlp]", "out=" + str(tmp_path / "o"), "progress=false"], capsys)
     assert code == 0, err
@@ -160,8 +160,8 @@ def test_auto_traces_once_on_first_use_and_caches(tiny, monkeypatch):
 
 def test_auto_from_a_trace_file(knowns, tmp_path, capsys, tiny):
     out = tmp_path / "out"
-    code, _, err = _cli(["model=tiny-gpt2", f"data.path={knowns}", "samples=1", "kinds=[mlp]", f"out={out}",
-                         "cache=false", "progress=false"], capsys)
+    code, _, err = _cli(["model=tiny-gpt2", f"data.path={knowns}", "data.correct_only=false", "kinds=[mlp]",
+                         f"out={out}", "cache=false", "progress=false"], capsys)
     assert code == 0, err
     assert not (tmp_path / "cache" / "layer_choice").exists()  # cache=false
     doc = json.loads((out / "trace.json").read_text())
