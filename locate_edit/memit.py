@@ -23,6 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from locate_edit.common import ClosedFormSettings, Guard, StatsCache, prepare_closed_form
 from locate_edit.keys import context_templates, module_io_at, request_keys, subject_rows
+from locate_edit.layer_choice import resolve_layers
 from locate_edit.solvers import alphaedit_update, emmet_update, memit_update, null_space_projector
 from locate_edit.values import ValueSettings, optimize_values
 from mend.adapters import WeightRef, get_adapter
@@ -39,7 +40,7 @@ def _memit_values() -> ValueSettings:
 
 @dataclass
 class MEMITConfig(ClosedFormSettings):
-    layers: list[int] = field(default_factory=lambda: [3, 4, 5, 6, 7])
+    layers: list[int] | str = field(default_factory=lambda: [3, 4, 5, 6, 7])  # or auto (locate_edit.layer_choice)
     solver: str = "memit"  # memit | emmet | alphaedit
     mom2_weight: float = 15000.0  # λ of MEMIT
     emmet_lambda: float = 0.1  # regularises Kᵀ C⁻¹ K in EMMET
@@ -66,19 +67,19 @@ class MEMITEditor(Editor):
     def reset(self) -> None:
         self._edited_keys = {}
 
-    def _refs(self, model: PreTrainedModel) -> list[WeightRef]:
+    def _refs(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[WeightRef]:
         adapter = get_adapter(model)
-        layers = sorted({adapter.resolve_layer(x) for x in self.config.layers})
+        layers = sorted({adapter.resolve_layer(x) for x in resolve_layers(self.config.layers, model, tokenizer, True)})
         return [adapter.weight_ref(layer, self.config.kind) for layer in layers]
 
     def prepare(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
-        prepare_closed_form(self, model, tokenizer, self._refs(model))
+        prepare_closed_form(self, model, tokenizer, self._refs(model, tokenizer))
 
     def edit(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, requests: list[EditRequest]) -> EditResult:
         cfg: MEMITConfig = self.config
         t0 = time.perf_counter()
         adapter = get_adapter(model)
-        refs = self._refs(model)
+        refs = self._refs(model, tokenizer)
         Cs = self._stats.get(model, tokenizer, refs)
         templates = context_templates(model, tokenizer, cfg.templates.spec, cfg.templates.seed)
         last = refs[-1].layer

@@ -15,6 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from locate_edit.common import ClosedFormSettings, Guard, StatsCache, prepare_closed_form
 from locate_edit.keys import context_templates, request_keys
+from locate_edit.layer_choice import resolve_layers
 from locate_edit.solvers import rome_update
 from locate_edit.values import ValueSettings, optimize_values
 from mend.adapters import get_adapter
@@ -25,7 +26,7 @@ from mend.requests import EditRequest
 
 @dataclass
 class ROMEConfig(ClosedFormSettings):
-    layer: int = 5
+    layer: int | str = 5  # or auto / auto:TRACE.json: chosen by causal tracing (locate_edit.layer_choice)
     key_mode: str = "prompt"  # prompt (ROME) | average (r-ROME)
     value: ValueSettings = field(default_factory=ValueSettings)
 
@@ -43,13 +44,14 @@ class ROMEEditor(Editor):
         self._guard = Guard(self.config.guard)
 
     def prepare(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
-        prepare_closed_form(self, model, tokenizer, [get_adapter(model).weight_ref(self.config.layer, self.config.kind)])
+        layer = resolve_layers(self.config.layer, model, tokenizer, many=False)
+        prepare_closed_form(self, model, tokenizer, [get_adapter(model).weight_ref(layer, self.config.kind)])
 
     def edit(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, requests: list[EditRequest]) -> EditResult:
         cfg: ROMEConfig = self.config
         t0 = time.perf_counter()
         adapter = get_adapter(model)
-        ref = adapter.weight_ref(cfg.layer, cfg.kind)
+        ref = adapter.weight_ref(resolve_layers(cfg.layer, model, tokenizer, many=False), cfg.kind)
         C = self._stats.get(model, tokenizer, [ref])[ref]
         templates = context_templates(model, tokenizer, cfg.templates.spec, cfg.templates.seed)
         total = None

@@ -104,14 +104,25 @@ def forward_target_logits(model: PreTrainedModel, batch: TargetBatch) -> torch.T
     over every position costs more than the whole transformer for short prompts. Encoder-decoder models run
     in full (their decoder positions are the targets anyway).
     """
-    prefix = getattr(model, "base_model_prefix", None)
-    base = getattr(model, prefix, None) if prefix else None
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    base, head = split_head(model)
     if _is_enc_dec(model) or base is None or head is None:
         return target_logits(model(**batch.inputs).logits, batch)
     hidden = base(**batch.inputs).last_hidden_state  # (B, L, d), final norm applied
     idx = batch.logit_pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
-    logits = head(hidden.gather(1, idx))
+    return head_logits(model, hidden.gather(1, idx))
+
+
+def split_head(model: PreTrainedModel) -> tuple[torch.nn.Module | None, torch.nn.Module | None]:
+    """A decoder-only model's base (hidden states, final norm applied) and LM head, or Nones when not split so."""
+    prefix = getattr(model, "base_model_prefix", None)
+    base = getattr(model, prefix, None) if prefix else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return base, head
+
+
+def head_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+    """(..., V) logits of final hidden states (..., d) through the LM head, with Gemma's logit soft-capping."""
+    logits = model.get_output_embeddings()(hidden)
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap

@@ -61,6 +61,10 @@ class ModelAdapter:
     lm_head_path: ClassVar[str] = "lm_head"
     embedding_path: ClassVar[str] = ""
     post_mlp_norm: ClassVar[str | None] = None  # norm applied to the MLP output inside a block (Gemma 3)
+    # stack -> path inside a block of the module whose output is the MLP's (attention's) contribution, before it is
+    # added to the residual stream (causal tracing restores these outputs)
+    mlp_paths: ClassVar[dict[str, str]] = {}
+    attn_paths: ClassVar[dict[str, str]] = {}
 
     def __init__(self, model: PreTrainedModel):
         self.model = model
@@ -98,6 +102,18 @@ class ModelAdapter:
         if not isinstance(layer, int) or isinstance(layer, bool) or not -n <= layer < n:
             raise ConfigError(f"layer {layer!r} out of range for a model with {n} layers (use 0..{n - 1} or -1..-{n})")
         return layer % n
+
+    def mlp_module(self, layer: int, stack: str | None = None) -> nn.Module:
+        """The MLP of block ``layer``: its output is what the MLP adds to the residual stream (before any post-norm
+        of the block, e.g. Gemma 3's, which is a function of it)."""
+        stack = self._stack(stack)
+        return self.block(layer, stack).get_submodule(self.mlp_paths[stack])
+
+    def attn_module(self, layer: int, stack: str | None = None) -> nn.Module:
+        """The self-attention of block ``layer``; its output (the first element when a tuple) is what attention adds
+        to the residual stream."""
+        stack = self._stack(stack)
+        return self.block(layer, stack).get_submodule(self.attn_paths[stack])
 
     # --- weights ---------------------------------------------------------------------------------------------
     def weight_ref(self, layer: int, kind: str = "mlp_out", stack: str | None = None) -> WeightRef:

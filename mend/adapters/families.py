@@ -14,6 +14,8 @@ class GPT2Adapter(ModelAdapter):
     mlp = {"decoder": {"mlp_in": "mlp.c_fc", "mlp_out": "mlp.c_proj"}}
     final_norms = {"decoder": "transformer.ln_f"}
     embedding_path = "transformer.wte"
+    mlp_paths = {"decoder": "mlp"}
+    attn_paths = {"decoder": "attn"}
 
 
 @register_adapter
@@ -23,6 +25,8 @@ class GPTJAdapter(ModelAdapter):
     mlp = {"decoder": {"mlp_in": "mlp.fc_in", "mlp_out": "mlp.fc_out"}}
     final_norms = {"decoder": "transformer.ln_f"}
     embedding_path = "transformer.wte"
+    mlp_paths = {"decoder": "mlp"}
+    attn_paths = {"decoder": "attn"}
 
 
 @register_adapter
@@ -34,6 +38,8 @@ class LlamaAdapter(ModelAdapter):
     mlp = {"decoder": {"mlp_gate": "mlp.gate_proj", "mlp_up": "mlp.up_proj", "mlp_out": "mlp.down_proj"}}
     final_norms = {"decoder": "model.norm"}
     embedding_path = "model.embed_tokens"
+    mlp_paths = {"decoder": "mlp"}
+    attn_paths = {"decoder": "self_attn"}
 
 
 @register_adapter
@@ -62,3 +68,6 @@ class T5Adapter(ModelAdapter):
     }
     final_norms = {"encoder": "encoder.final_layer_norm", "decoder": "decoder.final_layer_norm"}
     embedding_path = "shared"
+    # the attention and MLP themselves, not their T5LayerSelfAttention / T5LayerFF wrappers that add the residual
+    mlp_paths = {"encoder": "layer.1.DenseReluDense", "decoder": "layer.2.DenseReluDense"}
+    attn_paths = {"encoder": "layer.0.SelfAttention", "decoder": "layer.0.SelfAttention"}

@@ -72,14 +72,17 @@ def supports_partial(adapter: ModelAdapter) -> bool:
 
 
 @contextlib.contextmanager
-def start_at_layer(adapter: ModelAdapter, layer: int, hidden: torch.Tensor) -> Iterator[None]:
+def start_at_layer(adapter: ModelAdapter, layer: int, hidden: torch.Tensor, tuple_len: int | None = None,
+                   ) -> Iterator[None]:
     """Inside the block, forward passes skip blocks ``< layer`` and feed ``hidden`` (the input the block saw)
-    to block ``layer``. The caller passes the same input ids / mask as when ``hidden`` was captured."""
+    to block ``layer``. The caller passes the same input ids / mask as when ``hidden`` was captured.
+    ``tuple_len`` (:func:`block_output_len`) saves the probe when the caller already knows it."""
     if not supports_partial(adapter):
         raise ValueError(f"{type(adapter.model).__name__} does not support partial forward passes")
     layer = adapter.resolve_layer(layer)
     blocks = adapter.blocks()
-    tuple_len = block_output_len(adapter, layer)
+    if tuple_len is None:
+        tuple_len = block_output_len(adapter, layer)
     originals = [blocks[i] for i in range(layer)]
 
     def pre_hook(_mod, args, kwargs):

@@ -15,6 +15,7 @@ DATASETS: dict[str, tuple[str, str | None]] = {
     "zsre": ("mend.data.zsre:load_zsre", "zsre/zsre_mend_eval_portability_gpt4.json"),
     "knowedit": ("mend.data.zsre:load_zsre", "knowedit/ZsRE/ZsRE-test-all.json"),
     "mquake": ("mend.data.mquake:load_mquake", "mquake/AKEW-MQuAKE-CF-354.json"),
+    "known": ("mend.data.knowns:load_knowns", "knowns/known_1000.json"),
     "builtin": ("mend.data.builtin_dataset:load_builtin", None),
 }
 
