@@ -1,0 +1,185 @@
+"""The LightningModule that trains MEND's hypernetwork on a frozen base model.
+
+One step (Mitchell et al. 2022, Alg. 1): the edit examples' factors ``(u, δ)`` → ``ΔW = −α Σ δ̃ ũᵀ`` (the B edits
+of a batch summed) → the edited model, run with ``torch.func.functional_call``, on the edit prompts and their
+paraphrases (``L_e``: mean target NLL) and on locality examples (``L_loc``: KL(pre ‖ post) over the answer tokens)
+→ ``loss = c_edit · L_e + c_loc · L_loc``, differentiated w.r.t. the hypernetwork only.
+
+The base model is held outside the module's registered children: it is neither trained, checkpointed nor
+wrapped by DDP; it follows the module's device.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torchmetrics import MeanMetric
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from mend.adapters import WeightRef, get_adapter
+from mend.factors import UpperBlocks, edit_factors, edited_target_logits, row_nll
+from mend.hypernet import HypernetConfig, MendHypernet, WeightSpec
+from mend.scoring import TargetBatch, make_batch
+
+log = logging.getLogger(__name__)
+VAL_METRICS = ("loss", "edit_nll", "kl", "edit_acc", "edit_success", "edit_success_pre", "loc_agreement", "drawdown")
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1.0e-4  # Adam, hypernetwork weights
+    lr_alpha: float = 1.0e-2  # Adam, log step sizes (a step of 1e-2 moves α by about 1%)
+    weight_decay: float = 0.0
+
+
+@dataclass
+class LossSection:
+    c_edit: float = 0.1  # paper: 0.1
+    c_loc: float = 1.0
+
+
+class _Frozen:
+    """The base model and what goes with it, kept out of nn.Module registration."""
+
+    def __init__(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, refs: list[WeightRef]):
+        self.model, self.tok, self.refs = model, tok, refs
+        self.adapter = get_adapter(model)
+        self.upper = UpperBlocks(self.adapter, refs)
+
+
+def weight_specs(model: PreTrainedModel, refs: list[WeightRef]) -> list[WeightSpec]:
+    adapter = get_adapter(model)
+    return [WeightSpec(r.label, *adapter.get_weight(r).shape) for r in refs]
+
+
+class MendModule(pl.LightningModule):
+    def __init__(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, refs: list[WeightRef],
+                 hypernet: HypernetConfig, optim: OptimSection, loss: LossSection, norm_warmup: int = 20):
+        super().__init__()
+        model.requires_grad_(False)
+        self.frozen = _Frozen(model, tok, refs)
+        self.hypernet = MendHypernet(weight_specs(model, refs), hypernet)
+        self.optim, self.loss_cfg, self.norm_warmup = optim, loss, norm_warmup
+        self.val_metrics = torch.nn.ModuleDict({k: MeanMetric() for k in VAL_METRICS})
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "frozen":  # a plain attribute: never a registered child
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    # --- set-up ----------------------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        self.frozen.model.to(self.device)
+
+    def on_train_start(self) -> None:
+        if self.hypernet.cfg.norm and not self.hypernet.stats_ready:
+            self.warm_up_statistics()
+
+    @torch.no_grad()
+    def warm_up_statistics(self) -> None:
+        """Fill the running input statistics from ``norm_warmup`` training batches before the first step."""
+        dm = self.trainer.datamodule
+        batches = dm.warmup_batches(max(1, self.norm_warmup))
+        for b in batches:
+            tb = self._tokenize(b["prompt"], b["target"])
+            with self.frozen.upper.only(tb):
+                factors, _ = edit_factors(self.frozen.model, self.frozen.adapter, self.frozen.refs, tb, len(tb.prompt_lens))
+            for label, (u, d) in factors.items():
+                self.hypernet.update_stats(label, u, d)
+        n = int(next(iter(self.hypernet.stats_u.values())).count)
+        log.info("input statistics warmed up on %d batches (%d tokens per weight)", len(batches), n)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        others = [p for n, p in self.hypernet.named_parameters() if n != "log_alpha"]
+        return torch.optim.Adam([
+            {"params": others, "lr": self.optim.lr, "weight_decay": self.optim.weight_decay},
+            {"params": [self.hypernet.log_alpha], "lr": self.optim.lr_alpha, "weight_decay": 0.0},
+        ])
+
+    # --- the step --------------------------------------------------------------------------------------------
+    def _tokenize(self, prompts: list[str], targets: list[str]) -> TargetBatch:
+        return make_batch(self.frozen.tok, prompts, targets, self.frozen.model)
+
+    def deltas(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[WeightRef, torch.Tensor]:
+        return {ref: self.hypernet.delta(ref.label, *factors[ref.label]) for ref in self.frozen.refs}
+
+    def step(self, batch: dict[str, list[str]], update_stats: bool) -> dict[str, torch.Tensor]:
+        """Loss and diagnostics for a batch of B edits (rows: B edit, B paraphrase, B locality)."""
+        n = len(batch["prompt"])
+        f = self.frozen
+        tb = self._tokenize(batch["prompt"] + batch["paraphrase"] + batch["loc_prompt"],
+                            batch["target"] * 2 + batch["loc_target"])
+        with f.upper.only(tb):
+            factors, pre = edit_factors(f.model, f.adapter, f.refs, tb, n)  # pre: (3B, T, V) unedited logits
+            if update_stats:
+                for label, (u, d) in factors.items():
+                    self.hypernet.update_stats(label, u, d)
+            deltas = self.deltas(factors)
+            post = edited_target_logits(f.model, f.adapter, tb, deltas)  # (3B, T, V)
+        edit_nll = row_nll(post[: 2 * n], _rows(tb, 0, 2 * n)).mean()
+        loc = _rows(tb, 2 * n, 3 * n)
+        lp_pre = torch.log_softmax(pre[2 * n :].float(), -1)
+        lp_post = torch.log_softmax(post[2 * n :].float(), -1)
+        kl_tok = (lp_pre.exp() * (lp_pre - lp_post)).sum(-1)  # (B, T)
+        kl = (kl_tok * loc.target_mask).sum() / loc.target_mask.sum()
+        loss = self.loss_cfg.c_edit * edit_nll + self.loss_cfg.c_loc * kl
+        out = {"loss": loss, "edit_nll": edit_nll.detach(), "kl": kl.detach()}
+        out.update(_accuracies(pre.detach(), post.detach(), tb, n))
+        out["delta_norm"] = torch.stack([d.detach().norm() for d in deltas.values()]).mean()
+        return out
+
+    def training_step(self, batch: dict[str, list[str]], batch_idx: int) -> torch.Tensor:
+        out = self.step(batch, update_stats=self.hypernet.cfg.norm)
+        bs = len(batch["prompt"])
+        self.log("train/loss", out["loss"], prog_bar=True, batch_size=bs)
+        self.log("train/edit_success", out["edit_success"], prog_bar=True, batch_size=bs)
+        self.log("train/kl", out["kl"], prog_bar=True, batch_size=bs)
+        for k in ("edit_nll", "edit_acc", "edit_success_pre", "loc_agreement", "drawdown", "delta_norm"):
+            self.log(f"train/{k}", out[k], batch_size=bs)
+        self.log("train/alpha", self.hypernet.log_alpha.detach().exp().mean(), batch_size=bs)
+        return out["loss"]
+
+    def validation_step(self, batch: dict[str, list[str]], batch_idx: int) -> None:
+        out = self.step(batch, update_stats=False)
+        for k in VAL_METRICS:
+            self.val_metrics[k].update(out[k].detach())
+
+    def on_validation_epoch_end(self) -> None:
+        for k in VAL_METRICS:
+            m = self.val_metrics[k]
+            if m.update_count:
+                self.log(f"val/{k}", m.compute(), prog_bar=k in ("edit_success", "kl"))
+            m.reset()
+
+
+def _rows(tb: TargetBatch, lo: int, hi: int) -> TargetBatch:
+    """A view of rows [lo, hi) of a batch's targets (inputs are not sliced)."""
+    return TargetBatch(tb.inputs, tb.target_ids[lo:hi], tb.target_mask[lo:hi], tb.logit_pos[lo:hi],
+                       tb.prompt_lens[lo:hi])
+
+
+@torch.no_grad()
+def _accuracies(pre: torch.Tensor, post: torch.Tensor, tb: TargetBatch, n: int) -> dict[str, torch.Tensor]:
+    """Edit accuracy / success (edit + paraphrase rows), locality agreement and drawdown (locality rows)."""
+    mask, ids = tb.target_mask, tb.target_ids
+    hit_post = (post.argmax(-1) == ids) | ~mask  # (3B, T)
+    hit_pre = (pre.argmax(-1) == ids) | ~mask
+    e = slice(0, 2 * n)
+    lo = slice(2 * n, 3 * n)
+    tokens = mask[e].sum()
+    loc_tokens = mask[lo].sum()
+    agree = ((post[lo].argmax(-1) == pre[lo].argmax(-1)) & mask[lo]).sum() / loc_tokens
+    acc_pre = ((hit_pre[lo] & mask[lo]).sum() / loc_tokens)
+    acc_post = ((hit_post[lo] & mask[lo]).sum() / loc_tokens)
+    return {
+        "edit_acc": ((hit_post[e] & mask[e]).sum() / tokens).float(),
+        "edit_success": hit_post[e].all(1).float().mean(),
+        "edit_success_pre": hit_pre[e].all(1).float().mean(),
+        "loc_agreement": agree.float(),
+        "drawdown": (acc_pre - acc_post).float(),
+    }
