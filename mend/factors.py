@@ -43,6 +43,10 @@ def edit_factors(
     """Factors of the edit loss ``Σ_{b < n_rows} mean_t NLL(target_b)`` for each edited weight (by label), and
     the detached (B, T, V) target logits of every row of ``batch`` (rows ``>= n_rows`` ride along, unedited).
 
+    Tokens are kept where the attention mask is set and ``δ ≠ 0`` (as the reference code does): a token no loss
+    depends on (the last one; a decoder position after a shorter target) has no gradient to transform, and
+    keeping it would make a request's edit depend on the other requests' lengths.
+
     A zero scalar that requires grad is added to each edited module's output: it roots the autograd graph at the
     first edited module, so nothing below it is recorded, and the value is unchanged.
     """
@@ -70,8 +74,8 @@ def edit_factors(
             h.remove()
     factors = {}
     for ref, out, g in zip(refs, outs, grads):
-        mask = token_mask(model, batch, ref)[:n_rows]  # (n, L)
         g = torch.zeros_like(out) if g is None else g
+        mask = token_mask(model, batch, ref)[:n_rows] & (g[:n_rows] != 0).any(-1)  # (n, L)
         factors[ref.label] = (inputs[ref.param][:n_rows][mask], g[:n_rows][mask])  # (N, d_in), (N, d_out)
     return factors, tlogits.detach()
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mend.config import ModelSection
-from mend.data.lit_data import TrainDataSection
+from mend.data.lit_data import TRAIN_FILES, TrainDataSection
 from mend.errors import ConfigError
 from mend.hypernet import ACTIVATIONS, HypernetConfig
 from mend.lit_module import LossSection, OptimSection
@@ -88,6 +88,9 @@ def validate(cfg: Any) -> None:
     cfg.resume = str(cfg.resume).lower()
     if cfg.resume not in ("auto", "true", "false"):
         raise ConfigError(f"resume must be auto, true or false, got '{cfg.resume}'")
+    if cfg.data.name != "builtin" and cfg.data.name not in TRAIN_FILES:
+        raise ConfigError(f"data.name must be builtin or one of {', '.join(sorted(TRAIN_FILES))} for training, "
+                          f"got '{cfg.data.name}'")
     if not cfg.edit.layers or not cfg.edit.kinds:
         raise ConfigError("edit.layers and edit.kinds must not be empty")
     if cfg.loss.c_edit < 0 or cfg.loss.c_loc < 0:
