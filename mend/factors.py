@@ -4,30 +4,40 @@ For an edited weight the gradient of the edit loss is ``Σ_t δ_t u_tᵀ`` (``u_
 ``δ_t``: the gradient of the loss w.r.t. its output). :func:`edit_factors` returns these per token, pad tokens
 masked, for every edited weight of every architecture the adapters know (GPT-2's Conv1D included: hooks see
 module inputs and outputs, never the stored layout). :func:`edited_target_logits` runs the model with
-``W + ΔW`` through ``torch.func.functional_call``, differentiable in ``ΔW``. :func:`upper_blocks_only` runs the
-frozen blocks below the first edited layer once and lets every pass inside it start from their output.
+``W + ΔW`` through ``torch.func.functional_call``, differentiable in ``ΔW``.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
 from mend.adapters import ModelAdapter, WeightRef
-from mend.adapters.partial import block_output_len, hidden_before, start_at_layer, supports_partial
-from mend.scoring import TargetBatch, forward_target_logits, logprobs_at_targets
+from mend.scoring import TargetBatch, forward_target_logits
 
 Factors = tuple[torch.Tensor, torch.Tensor]  # u (N, d_in), δ (N, d_out): one row per non-pad token
 
 
-def row_nll(tlogits: torch.Tensor, batch: TargetBatch) -> torch.Tensor:
-    """(B,) mean NLL per target token of each row, from (B, T, V) target logits."""
-    lp = logprobs_at_targets(tlogits, batch)  # (B, T), 0 at padding
-    return -(lp.sum(1) / batch.target_mask.sum(1).clamp_min(1))
+def target_tokens(batch: TargetBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The row (N,) and id (N,) of every real target token, in the order of packed target logits."""
+    rows, cols = batch.target_mask.nonzero(as_tuple=True)
+    return rows, batch.target_ids[rows, cols]
+
+
+def token_logprobs(plogits: torch.Tensor, batch: TargetBatch) -> torch.Tensor:
+    """(N,) log-probability of each real target token from packed (N, V) target logits."""
+    _, ids = target_tokens(batch)
+    return torch.log_softmax(plogits.float(), -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+
+
+def row_nll(plogits: torch.Tensor, batch: TargetBatch) -> torch.Tensor:
+    """(B,) mean NLL per target token of each row, from packed (N, V) target logits."""
+    rows, _ = target_tokens(batch)
+    total = torch.zeros(batch.target_mask.shape[0], device=plogits.device).index_add(0, rows, -token_logprobs(plogits, batch))
+    return total / batch.target_mask.sum(1).clamp_min(1)
 
 
 def token_mask(model: PreTrainedModel, batch: TargetBatch, ref: WeightRef) -> torch.Tensor:
@@ -41,7 +51,7 @@ def edit_factors(
     model: PreTrainedModel, adapter: ModelAdapter, refs: Sequence[WeightRef], batch: TargetBatch, n_rows: int
 ) -> tuple[dict[str, Factors], torch.Tensor]:
     """Factors of the edit loss ``Σ_{b < n_rows} mean_t NLL(target_b)`` for each edited weight (by label), and
-    the detached (B, T, V) target logits of every row of ``batch`` (rows ``>= n_rows`` ride along, unedited).
+    the detached packed (N, V) target logits of every row of ``batch`` (rows ``>= n_rows`` ride along, unedited).
 
     Tokens are kept where the attention mask is set and ``δ ≠ 0`` (as the reference code does): a token no loss
     depends on (the last one; a decoder position after a shorter target) has no gradient to transform, and
@@ -65,7 +75,7 @@ def edit_factors(
     handles = [adapter.module(ref).register_forward_hook(make_hook(ref)) for ref in refs]
     try:
         with torch.enable_grad():
-            tlogits = forward_target_logits(model, batch)  # (B, T, V)
+            tlogits = forward_target_logits(model, batch, packed=True)  # (N, V)
             loss = row_nll(tlogits, batch)[:n_rows].sum()
             outs = [outputs[ref.param] for ref in refs]
             grads = torch.autograd.grad(loss, outs, allow_unused=True)
@@ -88,7 +98,7 @@ class _TargetLogits(nn.Module):
         self.model = model
 
     def forward(self, batch: TargetBatch) -> torch.Tensor:
-        return forward_target_logits(self.model, batch)
+        return forward_target_logits(self.model, batch, packed=True)
 
 
 def edited_params(adapter: ModelAdapter, deltas: dict[WeightRef, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -103,29 +113,7 @@ def edited_params(adapter: ModelAdapter, deltas: dict[WeightRef, torch.Tensor]) 
 def edited_target_logits(
     model: PreTrainedModel, adapter: ModelAdapter, batch: TargetBatch, deltas: dict[WeightRef, torch.Tensor]
 ) -> torch.Tensor:
-    """(B, T, V) target logits of the model with ``W + ΔW`` for every weight in ``deltas``; ``W`` is untouched."""
+    """Packed (N, V) target logits of the model with ``W + ΔW`` for every weight in ``deltas``; ``W`` is
+    untouched."""
     params = {f"model.{k}": v for k, v in edited_params(adapter, deltas).items()}
     return torch.func.functional_call(_TargetLogits(model), params, (batch,))
-
-
-class UpperBlocks:
-    """Knows the first edited layer of a decoder-only model; see :meth:`only`."""
-
-    def __init__(self, adapter: ModelAdapter, refs: Sequence[WeightRef]):
-        self.adapter = adapter
-        self.layer = min(r.layer for r in refs) if supports_partial(adapter) else None
-        self._tuple_len: int | None = None
-
-    @contextlib.contextmanager
-    def only(self, batch: TargetBatch) -> Iterator[None]:
-        """Inside, forward passes on ``batch``'s inputs run only the blocks from the first edited layer on; the
-        blocks below run once here, without gradients. A no-op for models without partial passes (T5)."""
-        if self.layer is None or self.layer == 0:
-            yield
-            return
-        if self._tuple_len is None:
-            self._tuple_len = block_output_len(self.adapter, self.layer)
-        with torch.no_grad():
-            hidden = hidden_before(self.adapter.model, self.adapter.block(self.layer), **batch.inputs)
-        with start_at_layer(self.adapter, self.layer, hidden, self._tuple_len):
-            yield

@@ -21,9 +21,10 @@ from torchmetrics import MeanMetric
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mend.adapters import WeightRef, get_adapter
-from mend.factors import UpperBlocks, edit_factors, edited_target_logits, row_nll
+from mend.factors import edit_factors, edited_target_logits, row_nll, target_tokens
 from mend.hypernet import HypernetConfig, MendHypernet, WeightSpec
 from mend.scoring import TargetBatch, make_batch
+from mend.upper_blocks import UpperBlocks
 
 log = logging.getLogger(__name__)
 VAL_METRICS = ("loss", "edit_nll", "kl", "edit_acc", "edit_success", "edit_success_pre", "loc_agreement", "drawdown")
@@ -45,10 +46,11 @@ class LossSection:
 class _Frozen:
     """The base model and what goes with it, kept out of nn.Module registration."""
 
-    def __init__(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, refs: list[WeightRef]):
+    def __init__(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, refs: list[WeightRef],
+                 cache_mb: float = 0.0):
         self.model, self.tok, self.refs = model, tok, refs
         self.adapter = get_adapter(model)
-        self.upper = UpperBlocks(self.adapter, refs)
+        self.upper = UpperBlocks(self.adapter, refs, cache_mb)
 
 
 def weight_specs(model: PreTrainedModel, refs: list[WeightRef]) -> list[WeightSpec]:
@@ -58,10 +60,11 @@ def weight_specs(model: PreTrainedModel, refs: list[WeightRef]) -> list[WeightSp
 
 class MendModule(pl.LightningModule):
     def __init__(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, refs: list[WeightRef],
-                 hypernet: HypernetConfig, optim: OptimSection, loss: LossSection, norm_warmup: int = 20):
+                 hypernet: HypernetConfig, optim: OptimSection, loss: LossSection, norm_warmup: int = 20,
+                 cache_mb: float = 0.0):
         super().__init__()
         model.requires_grad_(False)
-        self.frozen = _Frozen(model, tok, refs)
+        self.frozen = _Frozen(model, tok, refs, cache_mb)
         self.hypernet = MendHypernet(weight_specs(model, refs), hypernet)
         self.optim, self.loss_cfg, self.norm_warmup = optim, loss, norm_warmup
         self.val_metrics = torch.nn.ModuleDict({k: MeanMetric() for k in VAL_METRICS})
@@ -115,18 +118,18 @@ class MendModule(pl.LightningModule):
         tb = self._tokenize(batch["prompt"] + batch["paraphrase"] + batch["loc_prompt"],
                             batch["target"] * 2 + batch["loc_target"])
         with f.upper.only(tb):
-            factors, pre = edit_factors(f.model, f.adapter, f.refs, tb, n)  # pre: (3B, T, V) unedited logits
+            factors, pre = edit_factors(f.model, f.adapter, f.refs, tb, n)  # pre: (N, V) unedited, packed
             if update_stats:
                 for label, (u, d) in factors.items():
                     self.hypernet.update_stats(label, u, d)
             deltas = self.deltas(factors)
-            post = edited_target_logits(f.model, f.adapter, tb, deltas)  # (3B, T, V)
-        edit_nll = row_nll(post[: 2 * n], _rows(tb, 0, 2 * n)).mean()
-        loc = _rows(tb, 2 * n, 3 * n)
-        lp_pre = torch.log_softmax(pre[2 * n :].float(), -1)
-        lp_post = torch.log_softmax(post[2 * n :].float(), -1)
-        kl_tok = (lp_pre.exp() * (lp_pre - lp_post)).sum(-1)  # (B, T)
-        kl = (kl_tok * loc.target_mask).sum() / loc.target_mask.sum()
+            post = edited_target_logits(f.model, f.adapter, tb, deltas)  # (N, V) edited
+        rows, _ = target_tokens(tb)
+        loc = rows >= 2 * n  # (N,) locality tokens
+        edit_nll = row_nll(post, tb)[: 2 * n].mean()
+        lp_pre = torch.log_softmax(pre[loc].float(), -1)
+        lp_post = torch.log_softmax(post[loc].float(), -1)
+        kl = (lp_pre.exp() * (lp_pre - lp_post)).sum(-1).mean()  # KL(pre ‖ post), mean over locality tokens
         loss = self.loss_cfg.c_edit * edit_nll + self.loss_cfg.c_loc * kl
         out = {"loss": loss, "edit_nll": edit_nll.detach(), "kl": kl.detach()}
         out.update(_accuracies(pre.detach(), post.detach(), tb, n))
@@ -157,29 +160,22 @@ class MendModule(pl.LightningModule):
             m.reset()
 
 
-def _rows(tb: TargetBatch, lo: int, hi: int) -> TargetBatch:
-    """A view of rows [lo, hi) of a batch's targets (inputs are not sliced)."""
-    return TargetBatch(tb.inputs, tb.target_ids[lo:hi], tb.target_mask[lo:hi], tb.logit_pos[lo:hi],
-                       tb.prompt_lens[lo:hi])
-
-
 @torch.no_grad()
 def _accuracies(pre: torch.Tensor, post: torch.Tensor, tb: TargetBatch, n: int) -> dict[str, torch.Tensor]:
-    """Edit accuracy / success (edit + paraphrase rows), locality agreement and drawdown (locality rows)."""
-    mask, ids = tb.target_mask, tb.target_ids
-    hit_post = (post.argmax(-1) == ids) | ~mask  # (3B, T)
-    hit_pre = (pre.argmax(-1) == ids) | ~mask
-    e = slice(0, 2 * n)
-    lo = slice(2 * n, 3 * n)
-    tokens = mask[e].sum()
-    loc_tokens = mask[lo].sum()
-    agree = ((post[lo].argmax(-1) == pre[lo].argmax(-1)) & mask[lo]).sum() / loc_tokens
-    acc_pre = ((hit_pre[lo] & mask[lo]).sum() / loc_tokens)
-    acc_post = ((hit_post[lo] & mask[lo]).sum() / loc_tokens)
+    """Edit accuracy / success (edit + paraphrase rows), locality agreement and drawdown (locality rows), from
+    packed (N, V) target logits before and after the edit."""
+    rows, ids = target_tokens(tb)
+    hit_post, hit_pre = post.argmax(-1) == ids, pre.argmax(-1) == ids  # (N,)
+    edit, loc = rows < 2 * n, rows >= 2 * n
+
+    def success(hit: torch.Tensor) -> torch.Tensor:  # rows whose every target token is the argmax
+        misses = torch.zeros(tb.target_mask.shape[0], device=hit.device).index_add(0, rows, (~hit).float())
+        return (misses[: 2 * n] == 0).float().mean()
+
     return {
-        "edit_acc": ((hit_post[e] & mask[e]).sum() / tokens).float(),
-        "edit_success": hit_post[e].all(1).float().mean(),
-        "edit_success_pre": hit_pre[e].all(1).float().mean(),
-        "loc_agreement": agree.float(),
-        "drawdown": (acc_pre - acc_post).float(),
+        "edit_acc": hit_post[edit].float().mean(),
+        "edit_success": success(hit_post),
+        "edit_success_pre": success(hit_pre),
+        "loc_agreement": (post[loc].argmax(-1) == pre[loc].argmax(-1)).float().mean(),
+        "drawdown": hit_pre[loc].float().mean() - hit_post[loc].float().mean(),
     }

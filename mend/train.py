@@ -102,7 +102,7 @@ def main(argv: list[str]) -> int:
         raise ConfigError(f"edit.kinds {list(cfg.edit.kinds)} select no weights of {type(model).__name__}")
     hcfg = OmegaConf.to_object(cfg.hypernet)
     module = MendModule(model, tok, refs, hcfg, OmegaConf.to_object(cfg.optim), OmegaConf.to_object(cfg.loss),
-                        cfg.norm_warmup)
+                        cfg.norm_warmup, cfg.trainer.cache_mb)
     dm = EditDataModule(OmegaConf.to_object(cfg.data), cfg.trainer.batch_size, cfg.seed)
     info = EditorInfo(cfg.model.name, fingerprint(model),
                       [EditedWeight(r.stack, r.layer, r.kind, *adapter.get_weight(r).shape) for r in refs], hcfg)
@@ -162,6 +162,13 @@ def _trainer(cfg: Any, out: Path, module: Any, info: EditorInfo, train_doc: dict
     return trainer, callback
 
 
+def data_path(path: str) -> str:
+    """A data file: as given when it exists, else relative to the data root ($MEND_DATA_DIR)."""
+    from mend.paths import data_dir
+
+    return path if Path(path).exists() or Path(path).is_absolute() else str(data_dir() / path)
+
+
 def final_evaluation(cfg: Any, out: Path, model: Any, tok: Any, module: Any) -> dict[str, Any]:
     """The trained editor (read back from ``out``) beside the untrained one, on held-out data; prints the table."""
     from mend.editors.mend import MendConfig, MendEditor
@@ -171,8 +178,10 @@ def final_evaluation(cfg: Any, out: Path, model: Any, tok: Any, module: Any) -> 
 
     e = cfg.eval
     args = [f"model={cfg.model.name}", f"data={e.data}", f"data.split={e.split}", f"drawdown.source={e.drawdown}",
-            f"out={out / 'eval'}", f"progress={cfg.trainer.progress}"] + ([f"data.limit={e.limit}"] if e.limit else [])
-    ecfg = build_config(EvaluateCommand, args, text_keys=("out",))
+            f"out={out / 'eval'}", f"progress={cfg.trainer.progress}"]
+    extra = ([f"data.path={data_path(e.path)}"] if e.path else []) + ([f"data.limit={e.limit}"] if e.limit else [])
+    args += extra
+    ecfg = build_config(EvaluateCommand, args, text_keys=("out", "data.path"))
     trained = MendEditor(MendConfig(checkpoint=str(out)))
     torch.manual_seed(0)
     identity = MendHypernet(trained.info.specs(), trained.info.hypernet)
@@ -183,8 +192,8 @@ def final_evaluation(cfg: Any, out: Path, model: Any, tok: Any, module: Any) -> 
     paths = write_reports(results, ecfg.out)
     print(markdown_table(results))
     command = (f"python -m mend.evaluate editors=[mend] editor.checkpoint={out} model={cfg.model.name} data={e.data}"
-               + (f" data.split={e.split}" if e.split != "test" else "")
-               + (f" data.limit={e.limit}" if e.limit else "") + f" out={out / 'eval-check'}")
+               + (f" data.split={e.split}" if e.split != "test" else "") + "".join(f" {a}" for a in extra)
+               + (f" drawdown.source={e.drawdown}" if e.drawdown != "auto" else "") + f" out={out / 'eval-check'}")
     return {"data": e.data, "split": e.split, "n": results["dataset"]["n"], "unedited": results["pre"],
             "untrained": results["editors"]["mend (untrained)"]["metrics"],
             "trained": results["editors"]["mend"]["metrics"], "results": str(paths["json"]), "command": command}

@@ -41,6 +41,7 @@ class TrainerSection:
     fast_dev_run: bool = False
     progress: bool = True
     threads: int = 0  # torch CPU threads (0: leave as is)
+    cache_mb: float = 0.0  # cache the frozen lower blocks' output per sequence, up to this many MB (0: off)
 
 
 @dataclass
@@ -49,6 +50,7 @@ class EvalSection:
 
     enabled: bool = True
     data: str = "builtin"
+    path: str | None = None  # the data file; relative: under the data root (default: the data set's usual file)
     split: str = "test"
     limit: int | None = None
     drawdown: str = "auto"  # as python -m mend.evaluate drawdown.source

@@ -9,9 +9,10 @@ from conftest import ALL_TINY, DECODER_ONLY
 
 from mend.adapters import get_adapter
 from mend.editor import apply_edit
-from mend.factors import UpperBlocks, edit_factors, edited_target_logits, row_nll
+from mend.factors import edit_factors, edited_target_logits, row_nll
 from mend.hypernet import HypernetConfig, MendHypernet, RunningStats, WeightSpec
 from mend.scoring import forward_target_logits, make_batch
+from mend.upper_blocks import UpperBlocks
 
 PROMPTS = ["The tower is located in", "Bob plays the", "A"]
 TARGETS = [" Rome", " piano", " long target"]
@@ -47,7 +48,7 @@ def test_untrained_editor_is_exactly_one_gradient_step(tiny, name):
     params = [adapter.parameter(r) for r in refs]
     for p in params:
         p.requires_grad_(True)
-    loss = row_nll(forward_target_logits(model, batch), batch)[:n].sum()
+    loss = row_nll(forward_target_logits(model, batch, packed=True), batch)[:n].sum()
     grads = torch.autograd.grad(loss, params)
     for p in params:
         p.requires_grad_(False)
@@ -119,21 +120,42 @@ def test_upper_blocks_only_gives_the_same_factors_and_logits(tiny, name):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_cached_lower_blocks_give_the_same_factors(tiny, name):
+    """Rows cached from other batches (other padding) are reused; the result equals the uncached pass."""
+    model, tok, adapter, refs, batch = _setup(tiny, name)
+    full, logits_full = edit_factors(model, adapter, refs, batch, 2)
+    upper = UpperBlocks(adapter, refs, cache_mb=1)
+    warm = make_batch(tok, [PROMPTS[1], "Unrelated and much longer prompt here"], [TARGETS[1], " x"], model)
+    with upper.only(warm):
+        pass
+    assert (upper.hits, upper.misses) == (0, 2)
+    with upper.only(batch):
+        part, logits_part = edit_factors(model, adapter, refs, batch, 2)
+    assert (upper.hits, upper.misses) == (1, 4)
+    torch.testing.assert_close(logits_part, logits_full, rtol=1e-5, atol=1e-5)
+    for label in full:
+        for a, b in zip(part[label], full[label]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", ALL_TINY)
 def test_functional_edit_equals_applying_the_delta(tiny, name):
     model, _, adapter, refs, batch = _setup(tiny, name)
     gen = torch.Generator().manual_seed(0)
     deltas = {r: 0.05 * torch.randn(adapter.get_weight(r).shape, generator=gen) for r in refs}
-    before = forward_target_logits(model, batch)
+    before = forward_target_logits(model, batch, packed=True)
     functional = edited_target_logits(model, adapter, batch, deltas)
     from mend.editor import EditResult
 
     handle = apply_edit(model, EditResult(deltas))
-    applied = forward_target_logits(model, batch)
+    applied = forward_target_logits(model, batch, packed=True)
     handle.restore()
     assert not torch.allclose(functional, before, atol=1e-4)
     torch.testing.assert_close(functional, applied, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(forward_target_logits(model, batch), before)  # W untouched
+    torch.testing.assert_close(forward_target_logits(model, batch, packed=True), before)  # W untouched
+    full = forward_target_logits(model, batch)  # (B, T, V); packed is its real-token rows
+    torch.testing.assert_close(full[batch.target_mask], before)
 
 
 def test_running_statistics_equal_the_batch_statistics():
