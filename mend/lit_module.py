@@ -2,8 +2,9 @@
 
 One step (Mitchell et al. 2022, Alg. 1): the edit examples' factors ``(u, δ)`` → ``ΔW = −α Σ δ̃ ũᵀ`` (the B edits
 of a batch summed) → the edited model, run with ``torch.func.functional_call``, on the edit prompts and their
-paraphrases (``L_e``: mean target NLL) and on locality examples (``L_loc``: KL(pre ‖ post) over the answer tokens)
-→ ``loss = c_edit · L_e + c_loc · L_loc``, differentiated w.r.t. the hypernetwork only.
+paraphrases (``L_e``: mean target NLL per row) and on locality examples (``L_loc``: KL(pre ‖ post) over the answer
+tokens) → ``loss = c_edit · L_e + c_loc · L_loc``, differentiated w.r.t. the hypernetwork only. The edit prompt
+itself is in ``L_e`` beside its paraphrases: trained on paraphrases alone, success on the edit prompt decays.
 
 The base model is held outside the module's registered children: it is neither trained, checkpointed nor
 wrapped by DDP; it follows the module's device.
@@ -112,11 +113,13 @@ class MendModule(pl.LightningModule):
         return {ref: self.hypernet.delta(ref.label, *factors[ref.label]) for ref in self.frozen.refs}
 
     def step(self, batch: dict[str, list[str]], update_stats: bool) -> dict[str, torch.Tensor]:
-        """Loss and diagnostics for a batch of B edits (rows: B edit, B paraphrase, B locality)."""
+        """Loss and diagnostics for a batch of B edits. Rows: B edit prompts, their paraphrases (the edit loss
+        rows, ``n_edit`` in all), then the locality examples."""
         n = len(batch["prompt"])
+        n_edit = n + len(batch["paraphrase"])
         f = self.frozen
         tb = self._tokenize(batch["prompt"] + batch["paraphrase"] + batch["loc_prompt"],
-                            batch["target"] * 2 + batch["loc_target"])
+                            batch["target"] + batch["para_target"] + batch["loc_target"])
         with f.upper.only(tb):
             factors, pre = edit_factors(f.model, f.adapter, f.refs, tb, n)  # pre: (N, V) unedited, packed
             if update_stats:
@@ -125,14 +128,14 @@ class MendModule(pl.LightningModule):
             deltas = self.deltas(factors)
             post = edited_target_logits(f.model, f.adapter, tb, deltas)  # (N, V) edited
         rows, _ = target_tokens(tb)
-        loc = rows >= 2 * n  # (N,) locality tokens
-        edit_nll = row_nll(post, tb)[: 2 * n].mean()
+        loc = rows >= n_edit  # (N,) locality tokens
+        edit_nll = row_nll(post, tb)[:n_edit].mean()
         lp_pre = torch.log_softmax(pre[loc].float(), -1)
         lp_post = torch.log_softmax(post[loc].float(), -1)
         kl = (lp_pre.exp() * (lp_pre - lp_post)).sum(-1).mean()  # KL(pre ‖ post), mean over locality tokens
         loss = self.loss_cfg.c_edit * edit_nll + self.loss_cfg.c_loc * kl
         out = {"loss": loss, "edit_nll": edit_nll.detach(), "kl": kl.detach()}
-        out.update(_accuracies(pre.detach(), post.detach(), tb, n))
+        out.update(_accuracies(pre.detach(), post.detach(), tb, n_edit))
         out["delta_norm"] = torch.stack([d.detach().norm() for d in deltas.values()]).mean()
         return out
 
@@ -161,16 +164,16 @@ class MendModule(pl.LightningModule):
 
 
 @torch.no_grad()
-def _accuracies(pre: torch.Tensor, post: torch.Tensor, tb: TargetBatch, n: int) -> dict[str, torch.Tensor]:
-    """Edit accuracy / success (edit + paraphrase rows), locality agreement and drawdown (locality rows), from
-    packed (N, V) target logits before and after the edit."""
+def _accuracies(pre: torch.Tensor, post: torch.Tensor, tb: TargetBatch, n_edit: int) -> dict[str, torch.Tensor]:
+    """Edit accuracy / success (the first ``n_edit`` rows), locality agreement and drawdown (the other rows),
+    from packed (N, V) target logits before and after the edit."""
     rows, ids = target_tokens(tb)
     hit_post, hit_pre = post.argmax(-1) == ids, pre.argmax(-1) == ids  # (N,)
-    edit, loc = rows < 2 * n, rows >= 2 * n
+    edit, loc = rows < n_edit, rows >= n_edit
 
     def success(hit: torch.Tensor) -> torch.Tensor:  # rows whose every target token is the argmax
         misses = torch.zeros(tb.target_mask.shape[0], device=hit.device).index_add(0, rows, (~hit).float())
-        return (misses[: 2 * n] == 0).float().mean()
+        return (misses[:n_edit] == 0).float().mean()
 
     return {
         "edit_acc": hit_post[edit].float().mean(),

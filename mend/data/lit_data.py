@@ -1,12 +1,13 @@
 """The LightningDataModule that trains MEND: (edit, paraphrase, locality) triples from the evaluator's data sets.
 
-Every training sample is an edit example (prompt with the subject filled in, new target), a paraphrase of its
-prompt (the prompt itself when a record has none) and a locality example (a neighbourhood prompt with its expected
-answer; when a record has none, another record's prompt with that record's true target).
+Every training sample is an edit example (prompt with the subject filled in, new target), ``paraphrases``
+paraphrases of its prompt (the prompt itself when a record has none) and ``locality`` locality examples
+(neighbourhood prompts with their expected answers; when a record has none, other records' prompts with their
+true targets), drawn without repetition while a record has enough.
 
 The training stream is a pure function of the seed and the draw's position: draw ``i`` takes record
-``perm_e[i mod n]`` of epoch ``e = i // n`` (a fresh permutation per epoch) and picks its paraphrase and locality
-example with a generator seeded by ``i``. Rank ``r`` of ``W`` takes the ``r``-th slice of every global batch, and a
+``perm_e[i mod n]`` of epoch ``e = i // n`` (a fresh permutation per epoch) and picks its paraphrases and
+locality examples with a generator seeded by ``i``. Rank ``r`` of ``W`` takes the ``r``-th slice of every global batch, and a
 resumed run starts at ``global_step × accumulate_grad_batches`` batches, so an interrupted run sees the same
 batches as an uninterrupted one. Lightning's distributed sampler is not used (``use_distributed_sampler=False``).
 """
@@ -43,27 +44,30 @@ class TrainDataSection:
     limit: int | None = None  # first N training records
     val_limit: int = 96  # validation edits
     variants: int = 4  # builtin: new targets drawn per fact (each a separate training record)
+    paraphrases: int = 2  # paraphrases per edit in the edit loss (beside the edit prompt itself)
+    locality: int = 4  # locality examples per edit in the KL loss
 
 
 @dataclass(frozen=True)
-class Triple:
-    """Strings for one training sample."""
+class Sample:
+    """Strings for one training edit: the edit, ``n_para`` paraphrases and ``n_loc`` locality examples."""
 
     prompt: str
     target: str
-    paraphrase: str
-    loc_prompt: str
-    loc_target: str
+    paraphrases: tuple[str, ...]
+    loc_prompts: tuple[str, ...]
+    loc_targets: tuple[str, ...]
 
 
-class TripleSource(Dataset):
-    """Records (EditRequests) turned into triples; ``__getitem__`` takes a draw position (see module docs)."""
+class SampleSource(Dataset):
+    """Records (EditRequests) turned into samples; ``__getitem__`` takes a draw position (see module docs)."""
 
-    def __init__(self, requests: Sequence[EditRequest], seed: int = 0, shuffle: bool = True):
+    def __init__(self, requests: Sequence[EditRequest], seed: int = 0, shuffle: bool = True, n_para: int = 1,
+                 n_loc: int = 1):
         if not requests:
             raise MendError("no edit records to train on")
         self.requests = list(requests)
-        self.seed, self.shuffle = seed, shuffle
+        self.seed, self.shuffle, self.n_para, self.n_loc = seed, shuffle, n_para, n_loc
         self._perms: dict[int, list[int]] = {}
 
     def __len__(self) -> int:
@@ -78,22 +82,37 @@ class TripleSource(Dataset):
             self._perms = {epoch: torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()}
         return self._perms[epoch][i % n]
 
-    def __getitem__(self, i: int) -> Triple:
+    def __getitem__(self, i: int) -> Sample:
         k = self._record(i)
         r = self.requests[k]
         rng = random.Random(self.seed * 1_000_003 + i)
-        para = rng.choice(r.paraphrases) if r.paraphrases else r.text
-        if r.neighborhood:
-            loc_prompt, loc_target = rng.choice(r.neighborhood)
-        else:  # another record's prompt and true target
-            other = self.requests[(k + 1 + rng.randrange(max(1, len(self.requests) - 1))) % len(self.requests)]
-            loc_prompt, loc_target = other.text, other.target_true or other.target_new
-        return Triple(r.text, r.target_new, para, loc_prompt, loc_target)
+        paras = _pick(rng, list(r.paraphrases) or [r.text], self.n_para)
+        pool = list(r.neighborhood)
+        if not pool:  # other records' prompts with their true targets
+            n = len(self.requests)
+            others = [self.requests[(k + 1 + rng.randrange(max(1, n - 1))) % n] for _ in range(self.n_loc)]
+            pool = [(o.text, o.target_true or o.target_new) for o in others]
+        locs = _pick(rng, pool, self.n_loc)
+        return Sample(r.text, r.target_new, tuple(paras), tuple(p for p, _ in locs), tuple(t for _, t in locs))
 
 
-def collate(items: list[Triple]) -> dict[str, list[str]]:
-    """Lists of strings; tokenisation happens in the LightningModule, next to the model."""
-    return {k: [getattr(t, k) for t in items] for k in Triple.__dataclass_fields__}
+def _pick(rng: random.Random, pool: list, n: int) -> list:
+    """``n`` items of ``pool``: without repetition while it lasts, then with."""
+    out = rng.sample(pool, min(n, len(pool)))
+    return out + [rng.choice(pool) for _ in range(n - len(out))]
+
+
+def collate(items: list[Sample]) -> dict[str, list[str]]:
+    """Flat lists of strings (paraphrases and locality examples of all edits in order); tokenisation happens in
+    the LightningModule, next to the model."""
+    return {
+        "prompt": [s.prompt for s in items],
+        "target": [s.target for s in items],
+        "paraphrase": [p for s in items for p in s.paraphrases],
+        "para_target": [s.target for s in items for _ in s.paraphrases],
+        "loc_prompt": [p for s in items for p in s.loc_prompts],
+        "loc_target": [t for s in items for t in s.loc_targets],
+    }
 
 
 class StreamSampler(Sampler[int]):
@@ -130,14 +149,15 @@ class EditDataModule(pl.LightningDataModule):
     def __init__(self, cfg: TrainDataSection, batch_size: int, seed: int = 0):
         super().__init__()
         self.cfg, self.batch_size, self.seed = cfg, batch_size, seed
-        self.train_set: TripleSource | None = None
-        self.val_set: TripleSource | None = None
+        self.train_set: SampleSource | None = None
+        self.val_set: SampleSource | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
             train, val = load_training_requests(self.cfg, self.seed)
-            self.train_set = TripleSource(train, self.seed)
-            self.val_set = TripleSource(val, self.seed + 1, shuffle=False)
+            n_para, n_loc = self.cfg.paraphrases, self.cfg.locality
+            self.train_set = SampleSource(train, self.seed, True, n_para, n_loc)
+            self.val_set = SampleSource(val, self.seed + 1, False, n_para, n_loc)
             log.info("training on %d records, validating on %d", len(train), len(val))
 
     def _rank_world(self) -> tuple[int, int]:
