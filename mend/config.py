@@ -73,8 +73,11 @@ def load_yaml(path: Path) -> DictConfig:
     return cfg
 
 
-def build_config(schema: type, argv: list[str], text_keys: tuple[str, ...] = ()) -> DictConfig:
-    """Schema defaults, then the YAML file, then the overrides; type errors become ConfigError.
+def build_config(
+    schema: type, argv: list[str], text_keys: tuple[str, ...] = (), base: Path | None = None
+) -> DictConfig:
+    """Schema defaults, then the ``base`` YAML file (a command's defaults) and the user's YAML file, then the
+    overrides; type errors become ConfigError.
 
     Values of ``text_keys`` (free text such as prompts), values with surrounding spaces and values that are not
     valid YAML are taken verbatim: YAML would read ``{} is in`` as a mapping and strip the space of `` Rome``.
@@ -82,8 +85,9 @@ def build_config(schema: type, argv: list[str], text_keys: tuple[str, ...] = ())
     path, dotlist = parse_overrides(argv)
     try:
         cfg = OmegaConf.structured(schema)
-        if path is not None:
-            cfg = OmegaConf.merge(cfg, load_yaml(path))
+        for file in (base, path):
+            if file is not None:
+                cfg = OmegaConf.merge(cfg, load_yaml(file))
         for item in dotlist:
             key, _, raw = item.partition("=")
             OmegaConf.update(cfg, key, _value(key, raw, text_keys), merge=True, force_add=False)

@@ -132,6 +132,7 @@ class Editor(ABC):
 # name -> "module:Class"; imported on first use so that mend never imports locate_edit directly
 _BUILTIN: dict[str, str] = {
     "ft": "mend.editors.ft:FTEditor",
+    "mend": "mend.editors.mend:MendEditor",
     "rome": "locate_edit.rome:ROMEEditor",
     "r-rome": "locate_edit.rome:RROMEEditor",
     "memit": "locate_edit.memit:MEMITEditor",

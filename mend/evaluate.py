@@ -109,19 +109,36 @@ def main(argv: list[str]) -> int:
         raise ConfigError(f"mode must be one of {', '.join(MODES)}, got '{cfg.mode}'")
     names = editor_names(cfg)
     settings = per_editor_settings(cfg, names)
-    from mend.data.registry import load_dataset
-    from mend.data.text import drawdown_tokens
-
-    ds = load_dataset(cfg.data.name, cfg.data.path, cfg.data.limit, cfg.data.on_error, cfg.data.split, cfg.seed)
-    if ds.skipped:
-        print(f"skipped {len(ds.skipped)} malformed record(s), e.g. record {ds.skipped[0][0]}: {ds.skipped[0][1]}")
+    ds = load_eval_dataset(cfg)  # bad data fails before the model loads
     torch.manual_seed(cfg.seed)
     model, tok = load_model(cfg.model.name, getattr(torch, cfg.model.dtype), cfg.model.device)
     from mend.adapters import get_adapter
 
     get_adapter(model)
-    editors = [create_editor(n, *editor_layers(n, cfg.model.name, model.config.model_type, settings[n]))
+    editors = [(n, create_editor(n, *editor_layers(n, cfg.model.name, model.config.model_type, settings[n])))
                for n in names]
+    results = evaluate_editors(cfg, model, tok, editors, ds)
+    paths = write_reports(results, cfg.out)
+    print(markdown_table(results))
+    print("written: " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def load_eval_dataset(cfg: Any) -> Any:
+    """The data set of an EvaluateCommand config; says how many malformed records were skipped."""
+    from mend.data.registry import load_dataset
+
+    ds = load_dataset(cfg.data.name, cfg.data.path, cfg.data.limit, cfg.data.on_error, cfg.data.split, cfg.seed)
+    if ds.skipped:
+        print(f"skipped {len(ds.skipped)} malformed record(s), e.g. record {ds.skipped[0][0]}: {ds.skipped[0][1]}")
+    return ds
+
+
+def evaluate_editors(cfg: Any, model: Any, tok: Any, editors: list[tuple[str, Any]], ds: Any = None) -> dict[str, Any]:
+    """Measure the unedited model and each (label, editor) on the data set of ``cfg`` (an EvaluateCommand)."""
+    from mend.data.text import drawdown_tokens
+
+    ds = ds if ds is not None else load_eval_dataset(cfg)
     chunks = drawdown_tokens(model, tok, cfg.drawdown.source, cfg.drawdown.chunks, cfg.drawdown.length, cfg.seed)
     ev = Evaluator(model, tok, ds.requests, ds.style, chunks,
                    EvalSettings(cfg.mode, cfg.batch_size, cfg.curve_every, cfg.generation, cfg.generation_tokens,
@@ -135,16 +152,13 @@ def main(argv: list[str]) -> int:
         "pre_records": ev.pre().records,
         "editors": {},
     }
-    for ed in editors:
+    for label, ed in editors:
         res = ev.run(ed)
-        results["editors"][ed.name] = {"metrics": res.metrics, "records": res.records,
-                                       "config": OmegaConf.to_container(OmegaConf.structured(ed.config))}
+        results["editors"][label] = {"metrics": res.metrics, "records": res.records,
+                                     "config": OmegaConf.to_container(OmegaConf.structured(ed.config))}
         if res.curve:
-            results["editors"][ed.name]["curve"] = res.curve
-    paths = write_reports(results, cfg.out)
-    print(markdown_table(results))
-    print("written: " + ", ".join(str(p) for p in paths.values()))
-    return 0
+            results["editors"][label]["curve"] = res.curve
+    return results
 
 
 if __name__ == "__main__":

@@ -97,19 +97,25 @@ def target_logits(logits: torch.Tensor, batch: TargetBatch) -> torch.Tensor:
     return logits.gather(1, idx)
 
 
-def forward_target_logits(model: PreTrainedModel, batch: TargetBatch) -> torch.Tensor:
-    """(B, T, V) logits at the target positions only.
+def forward_target_logits(model: PreTrainedModel, batch: TargetBatch, packed: bool = False) -> torch.Tensor:
+    """(B, T, V) logits at the target positions only; with ``packed``, (N, V) at the N real target tokens
+    (``batch.target_mask.nonzero()`` order), padding skipped.
 
     For a decoder-only model the LM head runs on the target positions alone: with a 49k vocabulary the head
     over every position costs more than the whole transformer for short prompts. Encoder-decoder models run
     in full (their decoder positions are the targets anyway).
     """
     base, head = split_head(model)
+    rows, cols = batch.target_mask.nonzero(as_tuple=True) if packed else (None, None)
     if _is_enc_dec(model) or base is None or head is None:
-        return target_logits(model(**batch.inputs).logits, batch)
+        logits = model(**batch.inputs).logits
+        return logits[rows, batch.logit_pos[rows, cols]] if packed else target_logits(logits, batch)
     hidden = base(**batch.inputs).last_hidden_state  # (B, L, d), final norm applied
-    idx = batch.logit_pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
-    return head_logits(model, hidden.gather(1, idx))
+    if packed:
+        hidden = hidden[rows, batch.logit_pos[rows, cols]]  # (N, d)
+    else:
+        hidden = hidden.gather(1, batch.logit_pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    return head_logits(model, hidden)
 
 
 def split_head(model: PreTrainedModel) -> tuple[torch.nn.Module | None, torch.nn.Module | None]:

@@ -54,3 +54,23 @@ def test_overrides_and_group_shorthand(tmp_path):
         build_config(EditCommand, ["seed=[1"])
     with pytest.raises(ConfigError):
         build_config(EditCommand, [str(tmp_path / "missing.yaml")])
+
+
+TRAIN_FILES = sorted((config_dir() / "train").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", TRAIN_FILES, ids=lambda p: p.name)
+def test_train_file_validates(path: Path):
+    from mend.train_config import TrainCommand, validate
+
+    cfg = build_config(TrainCommand, [str(path)], base=config_dir() / "train" / "default.yaml")
+    validate(cfg)
+    assert cfg.trainer.max_steps > 0
+
+
+def test_train_defaults_are_the_schema_defaults():
+    """default.yaml documents the schema's defaults; the two must not drift apart."""
+    from mend.train_config import TrainCommand
+
+    schema = OmegaConf.structured(TrainCommand)
+    assert OmegaConf.merge(schema, OmegaConf.load(config_dir() / "train" / "default.yaml")) == schema

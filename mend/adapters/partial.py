@@ -40,6 +40,24 @@ def run_until(model: nn.Module, module: nn.Module, **inputs) -> None:
         model(**inputs)
 
 
+def hidden_before(model: nn.Module, block: nn.Module, **inputs) -> torch.Tensor:
+    """The hidden state ``block`` receives under ``model(**inputs)``; the forward pass stops before the block."""
+    seen: list[torch.Tensor] = []
+
+    def pre_hook(_mod, args, kwargs):
+        seen.append(args[0] if args else kwargs["hidden_states"])
+        raise StopForward
+
+    handle = block.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        model(**inputs)
+    except StopForward:
+        pass
+    finally:
+        handle.remove()
+    return seen[0]
+
+
 class _PassThrough(nn.Module):
     """Stands in for a skipped block: returns its input hidden state in the block's output structure."""
 
@@ -72,11 +90,12 @@ def supports_partial(adapter: ModelAdapter) -> bool:
 
 
 @contextlib.contextmanager
-def start_at_layer(adapter: ModelAdapter, layer: int, hidden: torch.Tensor, tuple_len: int | None = None,
-                   ) -> Iterator[None]:
+def start_at_layer(
+    adapter: ModelAdapter, layer: int, hidden: torch.Tensor, tuple_len: int | None = None
+) -> Iterator[None]:
     """Inside the block, forward passes skip blocks ``< layer`` and feed ``hidden`` (the input the block saw)
     to block ``layer``. The caller passes the same input ids / mask as when ``hidden`` was captured.
-    ``tuple_len`` (:func:`block_output_len`) saves the probe when the caller already knows it."""
+    ``tuple_len`` (from :func:`block_output_len`) saves the probe forward when the caller already knows it."""
     if not supports_partial(adapter):
         raise ValueError(f"{type(adapter.model).__name__} does not support partial forward passes")
     layer = adapter.resolve_layer(layer)

@@ -1,0 +1,215 @@
+"""The LightningDataModule that trains MEND: (edit, paraphrase, locality) triples from the evaluator's data sets.
+
+Every training sample is an edit example (prompt with the subject filled in, new target), ``paraphrases``
+paraphrases of its prompt (the prompt itself when a record has none) and ``locality`` locality examples
+(neighbourhood prompts with their expected answers; when a record has none, other records' prompts with their
+true targets), drawn without repetition while a record has enough.
+
+The training stream is a pure function of the seed and the draw's position: draw ``i`` takes record
+``perm_e[i mod n]`` of epoch ``e = i // n`` (a fresh permutation per epoch) and picks its paraphrases and
+locality examples with a generator seeded by ``i``. Rank ``r`` of ``W`` takes the ``r``-th slice of every global batch, and a
+resumed run starts at ``global_step × accumulate_grad_batches`` batches, so an interrupted run sees the same
+batches as an uninterrupted one. Lightning's distributed sampler is not used (``use_distributed_sampler=False``).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from mend.errors import MendError
+from mend.requests import EditRequest
+
+log = logging.getLogger(__name__)
+
+# Training and validation files under the data root for the data sets that have a training split.
+TRAIN_FILES: dict[str, tuple[str, str]] = {
+    "counterfact": ("counterfact/counterfact-train.json", "counterfact/counterfact-val.json"),
+    "zsre": ("zsre/zsre_mend_train-1k.json", "zsre/zsre_mend_eval_portability_gpt4.json"),
+}
+
+
+@dataclass
+class TrainDataSection:
+    name: str = "builtin"  # builtin, counterfact (flat format), zsre (MEND format)
+    path: str | None = None  # training file (default: TRAIN_FILES under $MEND_DATA_DIR)
+    val_path: str | None = None
+    limit: int | None = None  # first N training records
+    val_limit: int = 96  # validation edits
+    variants: int = 4  # builtin: new targets drawn per fact (each a separate training record)
+    paraphrases: int = 2  # paraphrases per edit in the edit loss (beside the edit prompt itself)
+    locality: int = 4  # locality examples per edit in the KL loss
+
+
+@dataclass(frozen=True)
+class Sample:
+    """Strings for one training edit: the edit, ``n_para`` paraphrases and ``n_loc`` locality examples."""
+
+    prompt: str
+    target: str
+    paraphrases: tuple[str, ...]
+    loc_prompts: tuple[str, ...]
+    loc_targets: tuple[str, ...]
+
+
+class SampleSource(Dataset):
+    """Records (EditRequests) turned into samples; ``__getitem__`` takes a draw position (see module docs)."""
+
+    def __init__(self, requests: Sequence[EditRequest], seed: int = 0, shuffle: bool = True, n_para: int = 1,
+                 n_loc: int = 1):
+        if not requests:
+            raise MendError("no edit records to train on")
+        self.requests = list(requests)
+        self.seed, self.shuffle, self.n_para, self.n_loc = seed, shuffle, n_para, n_loc
+        self._perms: dict[int, list[int]] = {}
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    def _record(self, i: int) -> int:
+        n = len(self.requests)
+        if not self.shuffle:
+            return i % n
+        epoch = i // n
+        if epoch not in self._perms:
+            self._perms = {epoch: torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()}
+        return self._perms[epoch][i % n]
+
+    def __getitem__(self, i: int) -> Sample:
+        k = self._record(i)
+        r = self.requests[k]
+        rng = random.Random(self.seed * 1_000_003 + i)
+        paras = _pick(rng, list(r.paraphrases) or [r.text], self.n_para)
+        pool = list(r.neighborhood)
+        if not pool:  # other records' prompts with their true targets
+            n = len(self.requests)
+            others = [self.requests[(k + 1 + rng.randrange(max(1, n - 1))) % n] for _ in range(self.n_loc)]
+            pool = [(o.text, o.target_true or o.target_new) for o in others]
+        locs = _pick(rng, pool, self.n_loc)
+        return Sample(r.text, r.target_new, tuple(paras), tuple(p for p, _ in locs), tuple(t for _, t in locs))
+
+
+def _pick(rng: random.Random, pool: list, n: int) -> list:
+    """``n`` items of ``pool``: without repetition while it lasts, then with."""
+    out = rng.sample(pool, min(n, len(pool)))
+    return out + [rng.choice(pool) for _ in range(n - len(out))]
+
+
+def collate(items: list[Sample]) -> dict[str, list[str]]:
+    """Flat lists of strings (paraphrases and locality examples of all edits in order); tokenisation happens in
+    the LightningModule, next to the model."""
+    return {
+        "prompt": [s.prompt for s in items],
+        "target": [s.target for s in items],
+        "paraphrase": [p for s in items for p in s.paraphrases],
+        "para_target": [s.target for s in items for _ in s.paraphrases],
+        "loc_prompt": [p for s in items for p in s.loc_prompts],
+        "loc_target": [t for s in items for t in s.loc_targets],
+    }
+
+
+class StreamSampler(Sampler[int]):
+    """Draw positions ``[start, stop)`` in batches of ``batch_size``, this rank's slice of each global batch.
+
+    ``__len__`` counts from 0, not from ``start``: after a resume Lightning counts the batches it already ran.
+    """
+
+    def __init__(self, batch_size: int, start_batch: int, stop_batch: int, rank: int = 0, world: int = 1,
+                 offset: int = 0):
+        self.b, self.start, self.stop, self.rank, self.world, self.offset = (
+            batch_size, start_batch, stop_batch, rank, world, offset)
+
+    def __iter__(self) -> Iterator[int]:
+        for g in range(self.start, self.stop):
+            first = self.offset + (g * self.world + self.rank) * self.b
+            yield from range(first, first + self.b)
+
+    def __len__(self) -> int:
+        return self.stop * self.b
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader that tells Lightning it can resume mid-run (its position comes from the restored step)."""
+
+    def state_dict(self) -> dict:
+        return {"start_batch": self.sampler.start if isinstance(self.sampler, StreamSampler) else 0}
+
+    def load_state_dict(self, state: dict) -> None:  # the position is derived from the restored global step
+        pass
+
+
+class EditDataModule(pl.LightningDataModule):
+    def __init__(self, cfg: TrainDataSection, batch_size: int, seed: int = 0):
+        super().__init__()
+        self.cfg, self.batch_size, self.seed = cfg, batch_size, seed
+        self.train_set: SampleSource | None = None
+        self.val_set: SampleSource | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None:
+            train, val = load_training_requests(self.cfg, self.seed)
+            n_para, n_loc = self.cfg.paraphrases, self.cfg.locality
+            self.train_set = SampleSource(train, self.seed, True, n_para, n_loc)
+            self.val_set = SampleSource(val, self.seed + 1, False, n_para, n_loc)
+            log.info("training on %d records, validating on %d", len(train), len(val))
+
+    def _rank_world(self) -> tuple[int, int]:
+        t = self.trainer
+        return (t.global_rank, t.world_size) if t is not None else (0, 1)
+
+    def train_dataloader(self) -> DataLoader:
+        t = self.trainer
+        rank, world = self._rank_world()
+        per_step = t.accumulate_grad_batches if t is not None else 1
+        max_steps = t.max_steps if t is not None and t.max_steps > 0 else 1000
+        start = t.global_step * per_step if t is not None else 0
+        sampler = StreamSampler(self.batch_size, start, max_steps * per_step, rank, world)
+        return ResumableLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, collate_fn=collate)
+
+    def val_dataloader(self) -> DataLoader:
+        rank, world = self._rank_world()
+        n = len(self.val_set) // (self.batch_size * world)  # whole batches, the same number on every rank
+        sampler = StreamSampler(self.batch_size, 0, n, rank, world)
+        return DataLoader(self.val_set, batch_size=self.batch_size, sampler=sampler, collate_fn=collate)
+
+    def warmup_batches(self, n: int) -> list[dict[str, list[str]]]:
+        """``n`` batches for this rank, drawn from far along the training stream (for input statistics)."""
+        rank, world = self._rank_world()
+        sampler = StreamSampler(self.batch_size, 0, n, rank, world, offset=10_000_000)
+        return list(DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, collate_fn=collate))
+
+
+def load_training_requests(cfg: TrainDataSection, seed: int = 0) -> tuple[list[EditRequest], list[EditRequest]]:
+    """(train, validation) requests of a data set: built-in splits, or the training / validation files."""
+    from mend.data.registry import load_dataset
+
+    if cfg.name == "builtin":
+        seeds = [seed + 7919 * v for v in range(max(1, cfg.variants))]  # seeds far apart: independent draws
+        train = [r for s in seeds for r in load_dataset("builtin", cfg.path, cfg.limit, split="train", seed=s).requests]
+        val = load_dataset("builtin", cfg.path, cfg.val_limit, split="validation", seed=seed).requests
+        return train, val
+    if cfg.name not in TRAIN_FILES:
+        raise MendError(f"data.name must be builtin or one of {', '.join(sorted(TRAIN_FILES))} for training, "
+                        f"got '{cfg.name}'")
+    train_rel, val_rel = TRAIN_FILES[cfg.name]
+    train_path, val_path = (str(_under_root(p, d)) for p, d in ((cfg.path, train_rel), (cfg.val_path, val_rel)))
+    train = load_dataset(cfg.name, train_path, cfg.limit).requests
+    val = load_dataset(cfg.name, val_path, cfg.val_limit).requests
+    return train, val
+
+
+def _under_root(path: str | None, default: str) -> Path:
+    """``path`` as given when it exists (or is absolute), else under the data root; ``default`` when None."""
+    from mend.paths import data_dir
+
+    if path is None:
+        return data_dir() / default
+    p = Path(path)
+    return p if p.exists() or p.is_absolute() else data_dir() / p

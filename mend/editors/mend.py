@@ -1,0 +1,85 @@
+"""The MEND editor: a trained hypernetwork (``python -m mend.train``) turns the edit's gradient factors into
+``ΔW = −α Σ_t δ̃_t ũ_tᵀ`` for each edited weight. Several requests in one call are one edit (their factors are
+summed, as in training). One forward and one partial backward per call: no optimisation at edit time."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from mend.adapters import get_adapter
+from mend.editor import Editor, EditResult
+from mend.errors import ConfigError, MendError
+from mend.factors import edit_factors
+from mend.hypernet import MendHypernet
+from mend.models import fingerprint
+from mend.requests import EditRequest
+from mend.run_dir import EditorInfo, load_editor
+from mend.scoring import make_batch
+
+
+@dataclass
+class MendConfig:
+    checkpoint: str | None = None  # a run directory written by python -m mend.train
+
+
+class MendEditor(Editor):
+    name = "mend"
+    Config = MendConfig
+
+    def __init__(self, config: MendConfig | None = None, hypernet: MendHypernet | None = None,
+                 info: EditorInfo | None = None):
+        """From ``config.checkpoint`` (loaded on first use), or from an in-memory hypernetwork and its info."""
+        super().__init__(config)
+        self._hypernet, self._info = hypernet, info
+        self._checked: int | None = None  # id of the model whose fingerprint matched
+
+    @property
+    def info(self) -> EditorInfo:
+        self._load()
+        assert self._info is not None
+        return self._info
+
+    def _load(self) -> None:
+        if self._hypernet is not None:
+            return
+        if not self.config.checkpoint:
+            raise ConfigError("editor 'mend' needs editor.checkpoint=RUN_DIR (a run directory of python -m mend.train)")
+        self._hypernet, self._info = load_editor(self.config.checkpoint)
+
+    def _check(self, model: PreTrainedModel) -> MendHypernet:
+        self._load()
+        assert self._hypernet is not None and self._info is not None
+        if self._checked != id(model):
+            fp = fingerprint(model)
+            if fp != self._info.fingerprint:
+                where = self.config.checkpoint or "memory"
+                raise MendError(f"the MEND editor in {where} was trained for {self._info.model} (fingerprint "
+                                f"{self._info.fingerprint}), not for this model ({fp}); train one with "
+                                f"python -m mend.train model=...")
+            self._checked = id(model)
+        if next(self._hypernet.parameters()).device != model.device:
+            self._hypernet.to(model.device)
+        return self._hypernet
+
+    def prepare(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+        self._check(model)
+
+    def edit(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, requests: list[EditRequest]
+    ) -> EditResult:
+        t0 = time.perf_counter()
+        hypernet = self._check(model).eval()
+        adapter = get_adapter(model)
+        refs = [adapter.weight_ref(w.layer, w.kind, w.stack) for w in self.info.weights]
+        batch = make_batch(tokenizer, [r.text for r in requests], [r.target_new for r in requests], model)
+        factors, _ = edit_factors(model, adapter, refs, batch, len(requests))
+        with torch.no_grad():
+            deltas = {ref: hypernet.delta(ref.label, *factors[ref.label]).to(adapter.get_weight(ref).dtype)
+                      for ref in refs}
+            alphas = {ref.label: hypernet.alpha(ref.label).item() for ref in refs}
+        return EditResult(deltas, {"alpha": alphas, "tokens": int(batch.inputs["attention_mask"].sum())},
+                          time.perf_counter() - t0)

@@ -1,0 +1,184 @@
+"""The LightningModule that trains MEND's hypernetwork on a frozen base model.
+
+One step (Mitchell et al. 2022, Alg. 1): the edit examples' factors ``(u, δ)`` → ``ΔW = −α Σ δ̃ ũᵀ`` (the B edits
+of a batch summed) → the edited model, run with ``torch.func.functional_call``, on the edit prompts and their
+paraphrases (``L_e``: mean target NLL per row) and on locality examples (``L_loc``: KL(pre ‖ post) over the answer
+tokens) → ``loss = c_edit · L_e + c_loc · L_loc``, differentiated w.r.t. the hypernetwork only. The edit prompt
+itself is in ``L_e`` beside its paraphrases: trained on paraphrases alone, success on the edit prompt decays.
+
+The base model is held outside the module's registered children: it is neither trained, checkpointed nor
+wrapped by DDP; it follows the module's device.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torchmetrics import MeanMetric
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from mend.adapters import WeightRef, get_adapter
+from mend.factors import edit_factors, edited_target_logits, row_nll, target_tokens
+from mend.hypernet import HypernetConfig, MendHypernet, WeightSpec
+from mend.scoring import TargetBatch, make_batch
+from mend.upper_blocks import UpperBlocks
+
+log = logging.getLogger(__name__)
+VAL_METRICS = ("loss", "edit_nll", "kl", "edit_acc", "edit_success", "edit_success_pre", "loc_agreement", "drawdown")
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1.0e-4  # Adam, hypernetwork weights
+    lr_alpha: float = 1.0e-2  # Adam, log step sizes (a step of 1e-2 moves α by about 1%)
+    weight_decay: float = 0.0
+
+
+@dataclass
+class LossSection:
+    c_edit: float = 0.1  # paper: 0.1
+    c_loc: float = 1.0
+
+
+class _Frozen:
+    """The base model and what goes with it, kept out of nn.Module registration."""
+
+    def __init__(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, refs: list[WeightRef],
+                 cache_mb: float = 0.0):
+        self.model, self.tok, self.refs = model, tok, refs
+        self.adapter = get_adapter(model)
+        self.upper = UpperBlocks(self.adapter, refs, cache_mb)
+
+
+def weight_specs(model: PreTrainedModel, refs: list[WeightRef]) -> list[WeightSpec]:
+    adapter = get_adapter(model)
+    return [WeightSpec(r.label, *adapter.get_weight(r).shape) for r in refs]
+
+
+class MendModule(pl.LightningModule):
+    def __init__(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, refs: list[WeightRef],
+                 hypernet: HypernetConfig, optim: OptimSection, loss: LossSection, norm_warmup: int = 20,
+                 cache_mb: float = 0.0):
+        super().__init__()
+        model.requires_grad_(False)
+        self.frozen = _Frozen(model, tok, refs, cache_mb)
+        self.hypernet = MendHypernet(weight_specs(model, refs), hypernet)
+        self.optim, self.loss_cfg, self.norm_warmup = optim, loss, norm_warmup
+        self.val_metrics = torch.nn.ModuleDict({k: MeanMetric() for k in VAL_METRICS})
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "frozen":  # a plain attribute: never a registered child
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    # --- set-up ----------------------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        self.frozen.model.to(self.device)
+
+    def on_train_start(self) -> None:
+        if self.hypernet.cfg.norm and not self.hypernet.stats_ready:
+            self.warm_up_statistics()
+
+    @torch.no_grad()
+    def warm_up_statistics(self) -> None:
+        """Fill the running input statistics from ``norm_warmup`` training batches before the first step."""
+        dm = self.trainer.datamodule
+        batches = dm.warmup_batches(max(1, self.norm_warmup))
+        for b in batches:
+            tb = self._tokenize(b["prompt"], b["target"])
+            with self.frozen.upper.only(tb):
+                factors, _ = edit_factors(self.frozen.model, self.frozen.adapter, self.frozen.refs, tb, len(tb.prompt_lens))
+            for label, (u, d) in factors.items():
+                self.hypernet.update_stats(label, u, d)
+        n = int(next(iter(self.hypernet.stats_u.values())).count)
+        log.info("input statistics warmed up on %d batches (%d tokens per weight)", len(batches), n)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        others = [p for n, p in self.hypernet.named_parameters() if n != "log_alpha"]
+        return torch.optim.Adam([
+            {"params": others, "lr": self.optim.lr, "weight_decay": self.optim.weight_decay},
+            {"params": [self.hypernet.log_alpha], "lr": self.optim.lr_alpha, "weight_decay": 0.0},
+        ])
+
+    # --- the step --------------------------------------------------------------------------------------------
+    def _tokenize(self, prompts: list[str], targets: list[str]) -> TargetBatch:
+        return make_batch(self.frozen.tok, prompts, targets, self.frozen.model)
+
+    def deltas(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[WeightRef, torch.Tensor]:
+        return {ref: self.hypernet.delta(ref.label, *factors[ref.label]) for ref in self.frozen.refs}
+
+    def step(self, batch: dict[str, list[str]], update_stats: bool) -> dict[str, torch.Tensor]:
+        """Loss and diagnostics for a batch of B edits. Rows: B edit prompts, their paraphrases (the edit loss
+        rows, ``n_edit`` in all), then the locality examples."""
+        n = len(batch["prompt"])
+        n_edit = n + len(batch["paraphrase"])
+        f = self.frozen
+        tb = self._tokenize(batch["prompt"] + batch["paraphrase"] + batch["loc_prompt"],
+                            batch["target"] + batch["para_target"] + batch["loc_target"])
+        with f.upper.only(tb):
+            factors, pre = edit_factors(f.model, f.adapter, f.refs, tb, n)  # pre: (N, V) unedited, packed
+            if update_stats:
+                for label, (u, d) in factors.items():
+                    self.hypernet.update_stats(label, u, d)
+            deltas = self.deltas(factors)
+            post = edited_target_logits(f.model, f.adapter, tb, deltas)  # (N, V) edited
+        rows, _ = target_tokens(tb)
+        loc = rows >= n_edit  # (N,) locality tokens
+        edit_nll = row_nll(post, tb)[:n_edit].mean()
+        lp_pre = torch.log_softmax(pre[loc].float(), -1)
+        lp_post = torch.log_softmax(post[loc].float(), -1)
+        kl = (lp_pre.exp() * (lp_pre - lp_post)).sum(-1).mean()  # KL(pre ‖ post), mean over locality tokens
+        loss = self.loss_cfg.c_edit * edit_nll + self.loss_cfg.c_loc * kl
+        out = {"loss": loss, "edit_nll": edit_nll.detach(), "kl": kl.detach()}
+        out.update(_accuracies(pre.detach(), post.detach(), tb, n_edit))
+        out["delta_norm"] = torch.stack([d.detach().norm() for d in deltas.values()]).mean()
+        return out
+
+    def training_step(self, batch: dict[str, list[str]], batch_idx: int) -> torch.Tensor:
+        out = self.step(batch, update_stats=self.hypernet.cfg.norm)
+        bs = len(batch["prompt"])
+        self.log("train/loss", out["loss"], prog_bar=True, batch_size=bs)
+        self.log("train/edit_success", out["edit_success"], prog_bar=True, batch_size=bs)
+        self.log("train/kl", out["kl"], prog_bar=True, batch_size=bs)
+        for k in ("edit_nll", "edit_acc", "edit_success_pre", "loc_agreement", "drawdown", "delta_norm"):
+            self.log(f"train/{k}", out[k], batch_size=bs)
+        self.log("train/alpha", self.hypernet.log_alpha.detach().exp().mean(), batch_size=bs)
+        return out["loss"]
+
+    def validation_step(self, batch: dict[str, list[str]], batch_idx: int) -> None:
+        out = self.step(batch, update_stats=False)
+        for k in VAL_METRICS:
+            self.val_metrics[k].update(out[k].detach())
+
+    def on_validation_epoch_end(self) -> None:
+        for k in VAL_METRICS:
+            m = self.val_metrics[k]
+            if m.update_count:
+                self.log(f"val/{k}", m.compute(), prog_bar=k in ("edit_success", "kl"))
+            m.reset()
+
+
+@torch.no_grad()
+def _accuracies(pre: torch.Tensor, post: torch.Tensor, tb: TargetBatch, n_edit: int) -> dict[str, torch.Tensor]:
+    """Edit accuracy / success (the first ``n_edit`` rows), locality agreement and drawdown (the other rows),
+    from packed (N, V) target logits before and after the edit."""
+    rows, ids = target_tokens(tb)
+    hit_post, hit_pre = post.argmax(-1) == ids, pre.argmax(-1) == ids  # (N,)
+    edit, loc = rows < n_edit, rows >= n_edit
+
+    def success(hit: torch.Tensor) -> torch.Tensor:  # rows whose every target token is the argmax
+        misses = torch.zeros(tb.target_mask.shape[0], device=hit.device).index_add(0, rows, (~hit).float())
+        return (misses[:n_edit] == 0).float().mean()
+
+    return {
+        "edit_acc": hit_post[edit].float().mean(),
+        "edit_success": success(hit_post),
+        "edit_success_pre": success(hit_pre),
+        "loc_agreement": (post[loc].argmax(-1) == pre[loc].argmax(-1)).float().mean(),
+        "drawdown": hit_pre[loc].float().mean() - hit_post[loc].float().mean(),
+    }

@@ -1,0 +1,90 @@
+"""A trained MEND editor on disk: ``<run>/editor.safetensors`` (weights, running statistics, step sizes) and
+``<run>/config.yaml`` (the training config plus an ``editor`` section: model, fingerprint, edited weights,
+hypernetwork architecture). Nothing else is needed to edit with it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
+
+from mend.errors import MendError
+from mend.hypernet import HypernetConfig, MendHypernet, WeightSpec
+from mend.io import atomic_write, write_text
+
+EDITOR_FILE, CONFIG_FILE, METRICS_FILE, LAST_DIR = "editor.safetensors", "config.yaml", "metrics.json", "last"
+FORMAT = "mend-editor/1"
+
+
+@dataclass
+class EditedWeight:
+    """One edited weight: where it is (adapter terms) and its ``(d_out, d_in)`` shape."""
+
+    stack: str
+    layer: int
+    kind: str
+    d_out: int
+    d_in: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.stack}.{self.layer}.{self.kind}"
+
+
+@dataclass
+class EditorInfo:
+    """The ``editor`` section of a run's config.yaml."""
+
+    model: str
+    fingerprint: str
+    weights: list[EditedWeight]
+    hypernet: HypernetConfig = field(default_factory=HypernetConfig)
+    step: int = 0
+    format: str = FORMAT
+
+    def specs(self) -> list[WeightSpec]:
+        return [WeightSpec(w.label, w.d_out, w.d_in) for w in self.weights]
+
+
+def save_editor(out: str | Path, hypernet: MendHypernet, info: EditorInfo, train_config: dict[str, Any]) -> Path:
+    """Write ``editor.safetensors`` and ``config.yaml`` (atomically, each)."""
+    out = Path(out)
+    state = {k: v.detach().cpu().contiguous() for k, v in hypernet.state_dict().items()}
+    atomic_write(out / EDITOR_FILE, lambda tmp: save_file(state, tmp, metadata={"format": FORMAT}))
+    doc = {**train_config, "editor": asdict(info)}
+    write_text(out / CONFIG_FILE, OmegaConf.to_yaml(OmegaConf.create(doc)))
+    return out / EDITOR_FILE
+
+
+def read_info(run: str | Path) -> tuple[EditorInfo, dict[str, Any]]:
+    """The editor section (typed) and the whole config of a run directory."""
+    run = Path(run)
+    cfg_path = run / CONFIG_FILE
+    if not run.is_dir():
+        raise MendError(f"MEND checkpoint '{run}' is not a directory (give the run directory of python -m mend.train)")
+    if not cfg_path.exists() or not (run / EDITOR_FILE).exists():
+        raise MendError(f"'{run}' holds no trained editor ({EDITOR_FILE} and {CONFIG_FILE} are needed)")
+    try:
+        doc = OmegaConf.load(cfg_path)
+        info = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EditorInfo), doc["editor"]))
+    except Exception as e:  # malformed YAML or a missing / mistyped key
+        raise MendError(f"cannot read the editor section of {cfg_path}: {str(e).splitlines()[0]}") from e
+    if info.format != FORMAT:
+        raise MendError(f"{cfg_path}: editor format {info.format!r}, this version reads {FORMAT!r}")
+    return info, OmegaConf.to_container(doc)
+
+
+def load_editor(run: str | Path, device: str | torch.device = "cpu") -> tuple[MendHypernet, EditorInfo]:
+    """The hypernetwork of a run directory (eval mode), with its info."""
+    info, _ = read_info(run)
+    hypernet = MendHypernet(info.specs(), info.hypernet)
+    state = load_file(str(Path(run) / EDITOR_FILE), device=str(device))
+    missing, unexpected = hypernet.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise MendError(f"{Path(run) / EDITOR_FILE} does not match its config.yaml "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return hypernet.to(device).eval(), info

@@ -1,0 +1,203 @@
+"""python -m mend.train: train a MEND editor with Lightning, then evaluate it beside the untrained editor."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from mend.cli import run
+from mend.config import build_config
+from mend.errors import ConfigError
+from mend.io import write_json
+from mend.paths import config_dir
+from mend.run_dir import CONFIG_FILE, EDITOR_FILE, LAST_DIR, METRICS_FILE, EditedWeight, EditorInfo
+from mend.train_config import TrainCommand, validate
+
+log = logging.getLogger(__name__)
+
+USAGE = """
+usage: python -m mend.train [config.yaml] [key=value ...]
+
+Train a MEND editor (Mitchell et al. 2022) on a frozen model with PyTorch Lightning. configs/train/default.yaml is
+always the base; a config file given first changes it, then key=value overrides. Writes <out>/editor.safetensors,
+<out>/config.yaml, <out>/metrics.json, TensorBoard logs in <out>/logs, the resume state in <out>/last and the
+final evaluation in <out>/eval.
+
+  model=NAME                  model alias, path or HF id [smollm2-135m]
+  data=NAME                   builtin (train/validation splits), counterfact (flat format), zsre (MEND format)
+  data.path= data.val_path=   training / validation files (default: under $MEND_DATA_DIR)
+  data.limit=N data.variants=N  first N training records; built-in facts: new targets per fact [4]
+  edit.layers=[-3,-2,-1] edit.kinds=[mlp_out] edit.stacks=[encoder,decoder]   the edited weights
+  hypernet.rank=N hypernet.n_blocks=N hypernet.combine=BOOL hypernet.shared=BOOL hypernet.alpha_init=X
+  optim.lr=X optim.lr_alpha=X loss.c_edit=X loss.c_loc=X norm_warmup=N
+  trainer.max_steps=N trainer.batch_size=N trainer.accumulate_grad_batches=N trainer.gradient_clip_val=X
+  trainer.val_check_interval=N trainer.save_every_n_steps=N trainer.fast_dev_run=true
+  trainer.accelerator=cpu|gpu|auto trainer.devices=N trainer.strategy=auto|ddp trainer.precision=32-true
+  eval.enabled=BOOL eval.limit=N    the evaluation at the end (built-in test split by default)
+  name=NAME out=DIR           run name [mend-<model>-<data>] and directory [checkpoints/<name>]
+  resume=auto|true|false      auto: continue from <out>/last when it exists [auto]
+  seed=N
+
+examples:
+  python -m mend.train                                   # the default short CPU run (make train)
+  python -m mend.train configs/train/counterfact.yaml    # a longer CounterFact run (GPU or long CPU)
+"""
+
+
+def run_name(cfg: Any) -> str:
+    return cfg.name or f"mend-{Path(cfg.model.name).name}-{cfg.data.name}"
+
+
+def resume_path(cfg: Any, out: Path) -> Path | None:
+    """The checkpoint to resume from, after checking that the run in ``out`` matches this config."""
+    last = out / LAST_DIR
+    mode = str(cfg.resume).lower()
+    if mode == "false":
+        if last.exists():
+            print(f"resume=false: starting afresh in {out} (the old resume state is removed)")
+            shutil.rmtree(last)
+        return None
+    if not last.exists():
+        if mode == "true":
+            raise ConfigError(f"resume=true but there is no checkpoint at {last}")
+        return None
+    from mend.run_dir import read_info
+
+    _, saved = read_info(out)
+    for key in ("model", "edit", "hypernet"):
+        if saved.get(key) != OmegaConf.to_container(cfg[key], resolve=True):
+            raise ConfigError(f"{out} holds a run with other '{key}' settings; give another out= or resume=false")
+    return last
+
+
+def main(argv: list[str]) -> int:
+    cfg = build_config(TrainCommand, argv, text_keys=("out", "name"), base=config_dir() / "train" / "default.yaml")
+    validate(cfg)
+    out = Path(cfg.out) if cfg.out else Path("checkpoints") / run_name(cfg)
+    ckpt = resume_path(cfg, out)
+    import lightning.pytorch as pl
+
+    from mend.adapters import get_adapter
+    from mend.data.lit_data import EditDataModule
+    from mend.lit_module import MendModule
+    from mend.models import fingerprint, load_model
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # Lightning 2.6 under torch 2.13: not ours to fix
+    if cfg.trainer.threads > 0:
+        torch.set_num_threads(cfg.trainer.threads)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    model, tok = load_model(cfg.model.name, getattr(torch, cfg.model.dtype), cfg.model.device)
+    adapter = get_adapter(model)
+    refs = adapter.weight_refs(list(cfg.edit.kinds), list(cfg.edit.layers),
+                               list(cfg.edit.stacks) if cfg.edit.stacks else None)
+    if not refs:
+        raise ConfigError(f"edit.kinds {list(cfg.edit.kinds)} select no weights of {type(model).__name__}")
+    hcfg = OmegaConf.to_object(cfg.hypernet)
+    module = MendModule(model, tok, refs, hcfg, OmegaConf.to_object(cfg.optim), OmegaConf.to_object(cfg.loss),
+                        cfg.norm_warmup, cfg.trainer.cache_mb)
+    dm = EditDataModule(OmegaConf.to_object(cfg.data), cfg.trainer.batch_size, cfg.seed)
+    info = EditorInfo(cfg.model.name, fingerprint(model),
+                      [EditedWeight(r.stack, r.layer, r.kind, *adapter.get_weight(r).shape) for r in refs], hcfg)
+    train_doc = OmegaConf.to_container(cfg, resolve=True)
+    trainer, callback = _trainer(cfg, out, module, info, train_doc)
+    n_params = sum(p.numel() for p in module.hypernet.parameters())
+    if trainer.is_global_zero:
+        print(f"MEND on {cfg.model.name}: {len(refs)} weights ({', '.join(r.label for r in refs)}), hypernetwork "
+              f"{n_params / 1e6:.2f}M parameters; {cfg.trainer.max_steps} steps of {cfg.trainer.batch_size} edits"
+              f"{f', resuming from {ckpt}' if ckpt else ''}; run directory {out}")
+    t0 = time.perf_counter()
+    trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
+    seconds = time.perf_counter() - t0
+    if not trainer.is_global_zero:
+        return 0
+    metrics: dict[str, Any] = {
+        "model": cfg.model.name, "run": str(out), "steps": trainer.global_step, "train_seconds": round(seconds, 1),
+        "last_logged": {k: float(v) for k, v in trainer.callback_metrics.items()},
+        "editor_sha256_per_rank": callback.digests,
+    }
+    if cfg.eval.enabled and not cfg.trainer.fast_dev_run:
+        metrics["evaluation"] = final_evaluation(cfg, out, model, tok, module)
+    write_json(out / METRICS_FILE, metrics)
+    print(f"editor: {out / EDITOR_FILE} (+ {CONFIG_FILE}); metrics: {out / METRICS_FILE}; "
+          f"TensorBoard: tensorboard --logdir {out / 'logs'}")
+    if "evaluation" in metrics:
+        print(f"evaluation: {out / 'eval' / 'results.md'}; reproduce it with: {metrics['evaluation']['command']}")
+    return 0
+
+
+def _trainer(cfg: Any, out: Path, module: Any, info: EditorInfo, train_doc: dict) -> tuple[Any, Any]:
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import TQDMProgressBar
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from mend.checkpointing import EditorCheckpoint, SafetensorsCheckpointIO
+    from mend.run_dir import save_editor
+
+    def write_editor(pl_module: Any, step: int) -> None:
+        info.step = step
+        save_editor(out, pl_module.hypernet, info, train_doc)
+
+    t = cfg.trainer
+    callback = EditorCheckpoint(out, t.save_every_n_steps, write_editor)
+    batches = t.max_steps * t.accumulate_grad_batches
+    trainer = pl.Trainer(
+        max_steps=t.max_steps, accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
+        precision=t.precision, accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=t.gradient_clip_val or None, val_check_interval=min(t.val_check_interval, batches),
+        limit_val_batches=t.limit_val_batches, num_sanity_val_steps=0, log_every_n_steps=t.log_every_n_steps,
+        logger=TensorBoardLogger(str(out), name="logs", version=""),
+        callbacks=[callback, *([TQDMProgressBar()] if t.progress else [])],
+        plugins=[SafetensorsCheckpointIO()], enable_checkpointing=False, use_distributed_sampler=False,
+        inference_mode=False, enable_progress_bar=t.progress, enable_model_summary=False,
+        fast_dev_run=t.fast_dev_run, default_root_dir=str(out),
+    )
+    return trainer, callback
+
+
+def data_path(path: str) -> str:
+    """A data file: as given when it exists, else relative to the data root ($MEND_DATA_DIR)."""
+    from mend.paths import data_dir
+
+    return path if Path(path).exists() or Path(path).is_absolute() else str(data_dir() / path)
+
+
+def final_evaluation(cfg: Any, out: Path, model: Any, tok: Any, module: Any) -> dict[str, Any]:
+    """The trained editor (read back from ``out``) beside the untrained one, on held-out data; prints the table."""
+    from mend.editors.mend import MendConfig, MendEditor
+    from mend.evaluate import EvaluateCommand, evaluate_editors
+    from mend.evaluation.report import markdown_table, write_reports
+    from mend.hypernet import MendHypernet
+
+    e = cfg.eval
+    args = [f"model={cfg.model.name}", f"data={e.data}", f"data.split={e.split}", f"drawdown.source={e.drawdown}",
+            f"out={out / 'eval'}", f"progress={cfg.trainer.progress}"]
+    extra = ([f"data.path={data_path(e.path)}"] if e.path else []) + ([f"data.limit={e.limit}"] if e.limit else [])
+    args += extra
+    ecfg = build_config(EvaluateCommand, args, text_keys=("out", "data.path"))
+    trained = MendEditor(MendConfig(checkpoint=str(out)))
+    torch.manual_seed(0)
+    identity = MendHypernet(trained.info.specs(), trained.info.hypernet)
+    for name, buf in module.hypernet.named_buffers():  # the statistics: identity needs them only to be ready
+        identity.get_buffer(name).copy_(buf)
+    untrained = MendEditor(hypernet=identity.to(model.device), info=trained.info)
+    results = evaluate_editors(ecfg, model, tok, [("mend (untrained)", untrained), ("mend", trained)])
+    paths = write_reports(results, ecfg.out)
+    print(markdown_table(results))
+    command = (f"python -m mend.evaluate editors=[mend] editor.checkpoint={out} model={cfg.model.name} data={e.data}"
+               + (f" data.split={e.split}" if e.split != "test" else "") + "".join(f" {a}" for a in extra)
+               + (f" drawdown.source={e.drawdown}" if e.drawdown != "auto" else "") + f" out={out / 'eval-check'}")
+    return {"data": e.data, "split": e.split, "n": results["dataset"]["n"], "unedited": results["pre"],
+            "untrained": results["editors"]["mend (untrained)"]["metrics"],
+            "trained": results["editors"]["mend"]["metrics"], "results": str(paths["json"]), "command": command}
+
+
+if __name__ == "__main__":
+    run(main, USAGE)

@@ -1,0 +1,99 @@
+"""The typed config of ``python -m mend.train``. ``configs/train/default.yaml`` states the same defaults with the
+measurements behind them; experiment files (e.g. ``configs/train/counterfact.yaml``) hold only what they change."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from mend.config import ModelSection
+from mend.data.lit_data import TRAIN_FILES, TrainDataSection
+from mend.errors import ConfigError
+from mend.hypernet import ACTIVATIONS, HypernetConfig
+from mend.lit_module import LossSection, OptimSection
+
+
+@dataclass
+class EditSection:
+    """Which weights MEND edits (layers count from the end when negative; stacks: all of the model's when null)."""
+
+    layers: list[int] = field(default_factory=lambda: [-3, -2, -1])
+    kinds: list[str] = field(default_factory=lambda: ["mlp_out"])
+    stacks: list[str] | None = None
+
+
+@dataclass
+class TrainerSection:
+    """Passed to ``lightning.Trainer`` (plus the batch size and checkpoint cadence)."""
+
+    max_steps: int = 1500
+    batch_size: int = 4  # edits per step on each device; their ΔW are summed
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float = 1.0
+    val_check_interval: int = 250  # training batches between validations
+    limit_val_batches: int | None = None
+    save_every_n_steps: int = 250  # <out>/last (resume) and the editor files
+    log_every_n_steps: int = 10
+    accelerator: str = "cpu"
+    devices: Any = 1
+    strategy: str = "auto"  # e.g. ddp (CPU: gloo)
+    precision: str = "32-true"
+    fast_dev_run: bool = False
+    progress: bool = True
+    threads: int = 0  # torch CPU threads (0: leave as is)
+    cache_mb: float = 0.0  # cache the frozen lower blocks' output per sequence, up to this many MB (0: off)
+
+
+@dataclass
+class EvalSection:
+    """The evaluation printed at the end: the trained editor beside the untrained one (identity hypernetwork)."""
+
+    enabled: bool = True
+    data: str = "builtin"
+    path: str | None = None  # the data file; relative: under the data root (default: the data set's usual file)
+    split: str = "test"
+    limit: int | None = None
+    drawdown: str = "auto"  # as python -m mend.evaluate drawdown.source
+
+
+@dataclass
+class TrainCommand:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: TrainDataSection = field(default_factory=TrainDataSection)
+    edit: EditSection = field(default_factory=EditSection)
+    hypernet: HypernetConfig = field(default_factory=HypernetConfig)
+    optim: OptimSection = field(default_factory=OptimSection)
+    loss: LossSection = field(default_factory=LossSection)
+    trainer: TrainerSection = field(default_factory=TrainerSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    norm_warmup: int = 20  # batches of factors that fill the input statistics before the first step
+    name: str | None = None  # run name (default: mend-<model>-<data>)
+    out: str | None = None  # run directory (default: checkpoints/<name>)
+    resume: str = "auto"  # auto: continue from <out>/last when it exists; true: require it; false: start afresh
+    seed: int = 0
+
+
+def validate(cfg: Any) -> None:
+    """Value checks the types alone do not catch."""
+    t = cfg.trainer
+    positive = {"trainer.max_steps": t.max_steps, "trainer.batch_size": t.batch_size,
+                "trainer.accumulate_grad_batches": t.accumulate_grad_batches,
+                "trainer.val_check_interval": t.val_check_interval, "hypernet.rank": cfg.hypernet.rank,
+                "optim.lr": cfg.optim.lr, "hypernet.alpha_init": cfg.hypernet.alpha_init}
+    for key, v in positive.items():
+        if v <= 0:
+            raise ConfigError(f"{key} must be positive, got {v}")
+    if cfg.hypernet.n_blocks < 0 or cfg.norm_warmup < 0:
+        raise ConfigError("hypernet.n_blocks and norm_warmup must be >= 0")
+    if cfg.hypernet.act not in ACTIVATIONS:
+        raise ConfigError(f"hypernet.act must be one of {', '.join(sorted(ACTIVATIONS))}, got '{cfg.hypernet.act}'")
+    cfg.resume = str(cfg.resume).lower()
+    if cfg.resume not in ("auto", "true", "false"):
+        raise ConfigError(f"resume must be auto, true or false, got '{cfg.resume}'")
+    if cfg.data.name != "builtin" and cfg.data.name not in TRAIN_FILES:
+        raise ConfigError(f"data.name must be builtin or one of {', '.join(sorted(TRAIN_FILES))} for training, "
+                          f"got '{cfg.data.name}'")
+    if not cfg.edit.layers or not cfg.edit.kinds:
+        raise ConfigError("edit.layers and edit.kinds must not be empty")
+    if cfg.loss.c_edit < 0 or cfg.loss.c_loc < 0:
+        raise ConfigError("loss.c_edit and loss.c_loc must be >= 0")

@@ -1,0 +1,179 @@
+"""MEND's maths on tiny models: at initialisation the editor is exactly one gradient step; factors, masking,
+partial forward passes, functional edits and running statistics equal their definitions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import ALL_TINY, DECODER_ONLY
+
+from mend.adapters import get_adapter
+from mend.editor import apply_edit
+from mend.factors import edit_factors, edited_target_logits, row_nll
+from mend.hypernet import HypernetConfig, MendHypernet, RunningStats, WeightSpec
+from mend.scoring import forward_target_logits, make_batch
+from mend.upper_blocks import UpperBlocks
+
+PROMPTS = ["The tower is located in", "Bob plays the", "A"]
+TARGETS = [" Rome", " piano", " long target"]
+
+
+def _setup(tiny, name: str, n_layers: int = 2):
+    model, tok = tiny(name)
+    adapter = get_adapter(model)
+    refs = adapter.weight_refs(layers=list(range(-n_layers, 0)))  # every MLP kind; both stacks for T5
+    batch = make_batch(tok, PROMPTS, TARGETS, model)
+    return model, tok, adapter, refs, batch
+
+
+def _hypernet(adapter, refs, **kw) -> MendHypernet:
+    specs = [WeightSpec(r.label, *adapter.get_weight(r).shape) for r in refs]
+    return MendHypernet(specs, HypernetConfig(rank=16, **kw))
+
+
+def _warm(hn: MendHypernet, factors) -> None:
+    for label, (u, d) in factors.items():
+        hn.update_stats(label, u, d)
+
+
+@pytest.mark.parametrize("name", ALL_TINY)
+def test_untrained_editor_is_exactly_one_gradient_step(tiny, name):
+    """ΔW = −α ∇W of the edit loss (autograd), for every MLP kind of the last layers (both T5 stacks)."""
+    model, _, adapter, refs, batch = _setup(tiny, name)
+    n = 2  # the third row rides along and must not contribute
+    factors, _ = edit_factors(model, adapter, refs, batch, n)
+    hn = _hypernet(adapter, refs)
+    _warm(hn, factors)  # statistics in use (norm=True): the identity must not depend on them
+
+    params = [adapter.parameter(r) for r in refs]
+    for p in params:
+        p.requires_grad_(True)
+    loss = row_nll(forward_target_logits(model, batch, packed=True), batch)[:n].sum()
+    grads = torch.autograd.grad(loss, params)
+    for p in params:
+        p.requires_grad_(False)
+    with torch.no_grad():
+        for ref, g in zip(refs, grads):
+            u, d = factors[ref.label]
+            ut, dt = hn.transform(ref.label, u, d)
+            assert torch.equal(ut, u.float()) and torch.equal(dt, d.float()), "identity at initialisation"
+            expected = -hn.alpha(ref.label) * (g.T if ref.transposed else g)
+            delta = hn.delta(ref.label, u, d)
+            assert delta.shape == adapter.get_weight(ref).shape
+            assert expected.abs().max() > 0, f"{ref.label}: zero gradient, the check would be vacuous"
+            torch.testing.assert_close(delta, expected, rtol=1e-4, atol=1e-12 + 1e-5 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("combine,shared,norm", [(True, True, True), (False, True, True), (True, False, False),
+                                                 (False, False, True)])
+def test_identity_for_every_variant_and_gradients_reach_the_zero_init_layer(tiny, combine, shared, norm):
+    model, _, adapter, refs, batch = _setup(tiny, "tiny-llama")
+    factors, _ = edit_factors(model, adapter, refs, batch, 3)
+    hn = _hypernet(adapter, refs, combine=combine, shared=shared, norm=norm)
+    _warm(hn, factors)
+    ref = refs[0]
+    u, d = factors[ref.label]
+    ut, dt = hn.transform(ref.label, u, d)
+    assert torch.equal(ut, u) and torch.equal(dt, d)
+    hn.delta(ref.label, u, d).square().sum().backward()
+    ups = [p for n, p in hn.named_parameters() if n.endswith("up.weight")]
+    assert ups and any(p.grad is not None and p.grad.abs().max() > 0 for p in ups)
+    assert hn.log_alpha.grad is not None and hn.log_alpha.grad.abs().max() > 0
+    assert (hn.log_alpha.exp() > 0).all()
+
+
+def test_shared_networks_group_by_shape_with_one_mode_per_layer(tiny):
+    model, _, adapter, _, _ = _setup(tiny, "tiny-llama")
+    refs = adapter.weight_refs(layers=[-3, -2, -1])  # gate/up (128x64) and down (64x128), three layers each
+    hn = _hypernet(adapter, refs)
+    assert sorted(hn.transforms) == ["128x64", "64x128"]
+    assert hn.transforms["64x128"].net.blocks[0].scale.shape[0] == 3
+    per_weight = _hypernet(adapter, refs, shared=False)
+    assert len(per_weight.transforms) == len(refs)
+
+
+@pytest.mark.parametrize("name", ALL_TINY)
+def test_pad_tokens_are_masked(tiny, name):
+    model, _, adapter, refs, batch = _setup(tiny, name)
+    factors, _ = edit_factors(model, adapter, refs, batch, 3)
+    enc_dec = model.config.is_encoder_decoder
+    for ref in refs:
+        key = "decoder_attention_mask" if enc_dec and ref.stack == "decoder" else "attention_mask"
+        u, d = factors[ref.label]
+        assert u.shape[0] == d.shape[0]
+        assert u.shape[0] <= int(batch.inputs[key].sum()) < batch.inputs[key].numel()  # the batch has padding
+        assert u.shape[0] >= int(batch.target_mask.sum())  # at least every position that predicts a target
+        assert (d != 0).any(-1).all()
+
+
+@pytest.mark.parametrize("name", DECODER_ONLY)
+def test_upper_blocks_only_gives_the_same_factors_and_logits(tiny, name):
+    model, _, adapter, refs, batch = _setup(tiny, name)
+    full, logits_full = edit_factors(model, adapter, refs, batch, 2)
+    upper = UpperBlocks(adapter, refs)
+    assert upper.layer == adapter.num_layers() - 2
+    with upper.only(batch):
+        part, logits_part = edit_factors(model, adapter, refs, batch, 2)
+    torch.testing.assert_close(logits_part, logits_full, rtol=1e-5, atol=1e-5)
+    for label in full:
+        for a, b in zip(part[label], full[label]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_cached_lower_blocks_give_the_same_factors(tiny, name):
+    """Rows cached from other batches (other padding) are reused; the result equals the uncached pass."""
+    model, tok, adapter, refs, batch = _setup(tiny, name)
+    full, logits_full = edit_factors(model, adapter, refs, batch, 2)
+    upper = UpperBlocks(adapter, refs, cache_mb=1)
+    warm = make_batch(tok, [PROMPTS[1], "Unrelated and much longer prompt here"], [TARGETS[1], " x"], model)
+    with upper.only(warm):
+        pass
+    assert (upper.hits, upper.misses) == (0, 2)
+    with upper.only(batch):
+        part, logits_part = edit_factors(model, adapter, refs, batch, 2)
+    assert (upper.hits, upper.misses) == (1, 4)
+    torch.testing.assert_close(logits_part, logits_full, rtol=1e-5, atol=1e-5)
+    for label in full:
+        for a, b in zip(part[label], full[label]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ALL_TINY)
+def test_functional_edit_equals_applying_the_delta(tiny, name):
+    model, _, adapter, refs, batch = _setup(tiny, name)
+    gen = torch.Generator().manual_seed(0)
+    deltas = {r: 0.05 * torch.randn(adapter.get_weight(r).shape, generator=gen) for r in refs}
+    before = forward_target_logits(model, batch, packed=True)
+    functional = edited_target_logits(model, adapter, batch, deltas)
+    from mend.editor import EditResult
+
+    handle = apply_edit(model, EditResult(deltas))
+    applied = forward_target_logits(model, batch, packed=True)
+    handle.restore()
+    assert not torch.allclose(functional, before, atol=1e-4)
+    torch.testing.assert_close(functional, applied, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(forward_target_logits(model, batch, packed=True), before)  # W untouched
+    full = forward_target_logits(model, batch)  # (B, T, V); packed is its real-token rows
+    torch.testing.assert_close(full[batch.target_mask], before)
+
+
+def test_running_statistics_equal_the_batch_statistics():
+    gen = torch.Generator().manual_seed(0)
+    parts = [torch.randn(n, 5, generator=gen) * 3 + 1 for n in (1, 7, 30)]
+    stats = RunningStats(5)
+    assert not stats.ready
+    for p in parts:
+        stats.update(p)
+    allx = torch.cat(parts).double()
+    assert stats.ready and int(stats.count) == 38
+    torch.testing.assert_close(stats.mean, allx.mean(0))
+    torch.testing.assert_close(stats.std(), allx.std(0) + stats.eps)
+
+
+def test_uninitialised_statistics_are_refused(tiny):
+    model, _, adapter, refs, batch = _setup(tiny, "tiny-gpt2")
+    factors, _ = edit_factors(model, adapter, refs, batch, 1)
+    hn = _hypernet(adapter, refs)
+    with pytest.raises(RuntimeError, match="not initialised"):
+        hn.delta(refs[0].label, *factors[refs[0].label])

@@ -1,0 +1,169 @@
+"""python -m mend.train on tiny models: fast_dev_run per architecture, the saved editor reloaded and used to edit,
+resuming, checkpoints without pickle, and the MEND editor in mend.edit / mend.evaluate."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import assert_params_identical, param_clones
+from safetensors.torch import load_file
+
+from mend.cli import run
+from mend.editor import apply_edit, create_editor
+from mend.errors import ConfigError, MendError
+from mend.requests import make_request
+from mend.scoring import score_targets
+
+TINY_TRAIN = ["trainer.batch_size=2", "data.val_limit=4", "data.variants=1", "norm_warmup=2", "hypernet.rank=32",
+              "trainer.progress=false", "eval.enabled=false", "trainer.threads=1"]
+STACKS = {"tiny-t5": ["edit.stacks=[encoder,decoder]", "edit.layers=[-1]"]}
+REQS = [make_request("{} is located in", "The tower", " Rome", " Paris"),
+        make_request("{} plays the", "Bob", " piano", " drums")]
+
+
+def train(out, *args: str) -> dict:
+    from mend.train import main
+
+    assert main([*TINY_TRAIN, f"out={out}", *args]) == 0
+    return json.loads((out / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One fast_dev_run per architecture (shared by the tests below)."""
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            out = tmp_path_factory.mktemp(name)
+            torch.set_num_threads(1)
+            cache[name] = (out, train(out, f"model={name}", "trainer.fast_dev_run=true", *STACKS.get(name, [])))
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-gptj", "tiny-llama", "tiny-t5"])
+def test_fast_dev_run_then_the_saved_editor_edits(runs, tiny, name):
+    out, metrics = runs(name)
+    assert metrics["steps"] == 1 and (out / "editor.safetensors").exists() and (out / "config.yaml").exists()
+    assert all(torch.isfinite(torch.tensor(v)) for v in metrics["last_logged"].values())
+    model, tok = tiny(name)
+    editor = create_editor("mend", {"checkpoint": str(out)})
+    before = param_clones(model)
+    both = editor.edit(model, tok, REQS)
+    assert_params_identical(model, before)
+    stacks = {r.stack for r in both.deltas}
+    assert stacks == ({"encoder", "decoder"} if name == "tiny-t5" else {"decoder"})
+    singles = [editor.edit(model, tok, [r]) for r in REQS]
+    for ref, d in both.deltas.items():  # several requests in one edit: their ΔW summed
+        assert d.abs().max() > 0
+        torch.testing.assert_close(d, singles[0].deltas[ref] + singles[1].deltas[ref], rtol=1e-4, atol=1e-9)
+    p0 = [s.logprob for s in score_targets(model, tok, [r.text for r in REQS], [r.target_new for r in REQS])]
+    handle = apply_edit(model, both)
+    p1 = [s.logprob for s in score_targets(model, tok, [r.text for r in REQS], [r.target_new for r in REQS])]
+    handle.restore()
+    assert p1 != p0
+    assert_params_identical(model, before)
+
+
+def test_editor_refuses_another_model(runs, tiny):
+    out, _ = runs("tiny-llama")
+    model, tok = tiny("tiny-gptj")
+    with pytest.raises(MendError, match="trained for tiny-llama"):
+        create_editor("mend", {"checkpoint": str(out)}).edit(model, tok, REQS)
+    with pytest.raises(ConfigError, match="editor.checkpoint"):
+        create_editor("mend").edit(model, tok, REQS)
+
+
+def test_resumed_run_continues_from_its_last_checkpoint(tmp_path):
+    """2 steps, then the same command with max_steps=4 resumes (automatically, <out>/last exists) and ends
+    where an uninterrupted 4-step run ends: same global step, same optimizer state, same weights."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    args = ["model=tiny-llama", "trainer.val_check_interval=2", "trainer.save_every_n_steps=1"]
+    assert train(a, *args, "trainer.max_steps=2")["steps"] == 2
+    at2 = load_file(a / "editor.safetensors")
+    state = json.loads((a / "last" / "state.json").read_text())
+    assert state["global_step"] == 2 and not list(a.glob("**/*.ckpt"))
+    assert train(a, *args, "trainer.max_steps=4")["steps"] == 4
+    assert train(b, *args, "trainer.max_steps=4")["steps"] == 4
+    resumed, straight = load_file(a / "editor.safetensors"), load_file(b / "editor.safetensors")
+    assert any(not torch.equal(resumed[k], at2[k]) for k in at2)
+    for k in straight:
+        assert torch.equal(resumed[k], straight[k]), k
+    with pytest.raises(ConfigError, match="other 'hypernet' settings"):
+        train(a, *args, "trainer.max_steps=6", "hypernet.rank=8")
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        train(tmp_path / "c", *args, "resume=true")
+
+
+def test_checkpoint_io_round_trip_and_refuses_objects(tmp_path):
+    from mend.checkpointing import SafetensorsCheckpointIO
+
+    io = SafetensorsCheckpointIO()
+    ckpt = {"state_dict": {"w": torch.arange(3.0)}, "optimizer_states": [{"state": {0: {"step": torch.tensor(2.0)}},
+            "param_groups": [{"betas": (0.9, 0.999), "lr": 1e-3, "params": [0]}]}], "epoch": 0, "x": None}
+    io.save_checkpoint(ckpt, tmp_path / "last")
+    io.save_checkpoint(ckpt, tmp_path / "last")  # replaces the folder
+    back = io.load_checkpoint(tmp_path / "last")
+    assert back["optimizer_states"][0]["param_groups"][0]["betas"] == (0.9, 0.999)
+    assert torch.equal(back["optimizer_states"][0]["state"][0]["step"], torch.tensor(2.0))
+    assert torch.equal(back["state_dict"]["w"], torch.arange(3.0)) and back["x"] is None
+    with pytest.raises(MendError, match="without pickle"):
+        io.save_checkpoint({"bad": object()}, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_mend_in_the_edit_and_evaluate_commands(runs, tmp_path, capsys):
+    from mend import edit, evaluate
+
+    out, _ = runs("tiny-gpt2")
+    args = ["model=tiny-gpt2", "editor=mend", f"editor.checkpoint={out}", "prompt={} is located in",
+            "subject=The tower", "target= Rome", f"json={tmp_path / 'e.json'}"]
+    with pytest.raises(SystemExit) as exc:
+        run(edit.main, edit.USAGE, args)
+    assert exc.value.code == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "e.json").read_text())["editor"] == "mend"
+    args = ["model=tiny-gpt2", "editors=[mend,ft]", f"editor.checkpoint={out}", "data=builtin", "data.limit=3",
+            "drawdown.source=none", "progress=false", f"out={tmp_path / 'ev'}"]
+    with pytest.raises(SystemExit) as exc:
+        run(evaluate.main, evaluate.USAGE, args)
+    assert exc.value.code == 0, capsys.readouterr().err
+    res = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert set(res["editors"]) == {"mend", "ft"} and res["editors"]["mend"]["metrics"]["n"] == 3
+    with pytest.raises(SystemExit) as exc:  # another model: one line, exit 2
+        run(evaluate.main, evaluate.USAGE, [*args[1:], "model=tiny-llama"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and "trained for tiny-gpt2" in err
+
+
+def test_train_end_evaluation_is_reproduced_by_mend_evaluate(tmp_path, capsys):
+    from mend import evaluate
+
+    out = tmp_path / "run"
+    metrics = train(out, "model=tiny-gpt2", "trainer.max_steps=2", "eval.enabled=true", "eval.limit=3",
+                    "eval.drawdown=none")
+    table = capsys.readouterr().out
+    assert "| mend (untrained) |" in table and "| mend |" in table and "unedited" in table
+    ev = metrics["evaluation"]
+    assert ev["n"] == 3 and {"unedited", "untrained", "trained", "command"} <= set(ev)
+    argv = ev["command"].split()[3:] + ["drawdown.source=none", "progress=false"]
+    with pytest.raises(SystemExit) as exc:
+        run(evaluate.main, evaluate.USAGE, argv)
+    assert exc.value.code == 0, capsys.readouterr().err
+    again = json.loads((out / "eval-check" / "results.json").read_text())["editors"]["mend"]["metrics"]
+    for k in ("efficacy", "generalization", "locality", "edit_success", "kl_locality"):
+        assert again[k] == ev["trained"][k], k
+
+
+def test_bad_training_config_is_one_line(capsys):
+    from mend.train import USAGE, main
+
+    for bad, needle in (("trainer.max_steps=0", "must be positive"), ("resume=maybe", "resume must be"),
+                        ("data=nope", "data.name must be"), ("hypernet.act=swish", "hypernet.act")):
+        with pytest.raises(SystemExit) as exc:
+            run(main, USAGE, ["model=tiny-gpt2", "trainer.progress=false", bad])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and needle in err and err.count("\n") == 1, (bad, err)
