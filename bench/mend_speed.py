@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from timing import fwd_bwd_seconds  # bench/timing.py (scripts run as python bench/NAME.py)
 
 from mend.adapters import get_adapter
 from mend.data.registry import load_dataset
@@ -28,7 +29,7 @@ from mend.hypernet import HypernetConfig, MendHypernet
 from mend.models import fingerprint, load_model
 from mend.paths import config_dir
 from mend.run_dir import EditedWeight, EditorInfo
-from mend.scoring import make_batch, target_nll
+from mend.scoring import make_batch
 
 
 def untrained_editor(model, tok, warm_requests) -> MendEditor:
@@ -45,20 +46,6 @@ def untrained_editor(model, tok, warm_requests) -> MendEditor:
     for label, (u, d) in factors.items():
         hn.update_stats(label, u, d)
     return MendEditor(hypernet=hn.eval(), info=info)
-
-
-def fwd_bwd_seconds(model, tok, req, repeats: int = 3) -> float:
-    """One forward+backward of the whole model (every weight's gradient) on the edit prompt and its target."""
-    batch = make_batch(tok, [req.text], [req.target_new], model)
-    model.requires_grad_(True)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        target_nll(model(**batch.inputs).logits, batch).backward()
-        times.append(time.perf_counter() - t0)
-        model.zero_grad(set_to_none=True)
-    model.requires_grad_(False)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -82,7 +69,7 @@ def main() -> None:
         t0 = time.perf_counter()
         editor.edit(model, tok, [r])
         edit_s = time.perf_counter() - t0
-        fb = fwd_bwd_seconds(model, tok, r)
+        fb = fwd_bwd_seconds(model, tok, [r.text], [r.target_new])
         rows.append({"edit_s": edit_s, "fwd_bwd_s": fb, "ratio": edit_s / fb})
     med = {k: statistics.median(r[k] for r in rows) for k in ("edit_s", "fwd_bwd_s", "ratio")}
     weights = ", ".join(w.label for w in editor.info.weights)

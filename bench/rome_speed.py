@@ -14,29 +14,19 @@ import time
 from pathlib import Path
 
 import torch
+from timing import fwd_bwd_seconds  # bench/timing.py (scripts run as python bench/NAME.py)
 
 from locate_edit.keys import context_templates, fill
 from mend.config import editor_layers
 from mend.data.registry import load_dataset
 from mend.editor import create_editor
 from mend.models import load_model
-from mend.scoring import make_batch, target_nll
 
 
-def fwd_bwd_seconds(model, tok, req, templates, kl_prompt: str, repeats: int = 3) -> float:
+def rome_fwd_bwd_seconds(model, tok, req, templates, kl_prompt: str) -> float:
     """One forward+backward of the whole model on the rows ROME optimises over (templates + the KL prompt)."""
     prompts = [fill(t, req)[0] for t in templates] + [kl_prompt.replace("{}", req.subject)]
-    batch = make_batch(tok, prompts, [req.target_new] * len(prompts), model)
-    model.requires_grad_(True)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        loss = target_nll(model(**batch.inputs).logits, batch)
-        loss.backward()
-        times.append(time.perf_counter() - t0)
-        model.zero_grad(set_to_none=True)
-    model.requires_grad_(False)
-    return statistics.median(times)
+    return fwd_bwd_seconds(model, tok, prompts, [req.target_new] * len(prompts))
 
 
 def main() -> None:
@@ -59,7 +49,7 @@ def main() -> None:
         t0 = time.perf_counter()
         res = rome.edit(model, tok, [r])
         edit_s = time.perf_counter() - t0
-        fb = fwd_bwd_seconds(model, tok, r, templates, rome.config.value.kl_prompt)
+        fb = rome_fwd_bwd_seconds(model, tok, r, templates, rome.config.value.kl_prompt)
         rows.append({"edit_s": edit_s, "fwd_bwd_s": fb, "ratio": edit_s / fb, "v_steps": res.diagnostics["steps"][0]})
     print(f"ROME on {args.model}, layer {rome.config.layer}, {len(templates)} templates")
     print(f"{'edit':>5}{'edit (s)':>10}{'fwd+bwd (s)':>13}{'ratio':>8}{'v* steps':>10}")

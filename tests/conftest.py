@@ -69,3 +69,13 @@ def text_file(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def run_command(main, usage: str, argv: list[str], capsys) -> tuple[int, str, str]:
+    """Run a command's ``main`` through :func:`mend.cli.run` as the shell would: (exit code, stdout, stderr)."""
+    from mend.cli import run
+
+    with pytest.raises(SystemExit) as exc:
+        run(main, usage, argv)
+    out, err = capsys.readouterr()
+    return exc.value.code, out, err

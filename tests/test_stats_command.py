@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+from conftest import run_command
 
 from locate_edit.stats import USAGE, corpus_tokens, load_stats, main, resolve_corpus, second_moments
-from mend.cli import run
 from mend.errors import MendError
 from mend.models import fingerprint
 
@@ -101,10 +101,7 @@ def test_bad_arguments_raise_mend_errors(kwargs, needle, tiny, text_file):
 
 # --- the command -----------------------------------------------------------------------------------------------
 def _cli(argv, capsys):
-    with pytest.raises(SystemExit) as exc:
-        run(main, USAGE, argv)
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
+    return run_command(main, USAGE, argv, capsys)
 
 
 def test_command_writes_cache_files_then_reads_them(text_file, tmp_path, capsys):

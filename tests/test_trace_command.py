@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import run_command
 
 from locate_edit.layer_choice import (
     LayerChoice,
@@ -17,7 +18,6 @@ from locate_edit.layer_choice import (
 )
 from locate_edit.trace_average import ROWS, AverageTrace
 from locate_edit.trace_cli import USAGE, main
-from mend.cli import run
 from mend.errors import ConfigError
 from mend.models import fingerprint
 
@@ -37,10 +37,7 @@ def knowns(tmp_path):
 
 
 def _cli(argv, capsys):
-    with pytest.raises(SystemExit) as exc:
-        run(main, USAGE, argv)
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
+    return run_command(main, USAGE, argv, capsys)
 
 
 def test_command_writes_heatmaps_json_and_the_layer_choice(knowns, tmp_path, capsys):
@@ -196,8 +193,6 @@ def test_a_bad_layer_setting_is_a_one_line_error(capsys):
     from mend.edit import USAGE as EDIT_USAGE
     from mend.edit import main as edit_main
 
-    with pytest.raises(SystemExit) as exc:
-        run(edit_main, EDIT_USAGE, ["model=tiny-gpt2", "editor=rome", "editor.layer=best", "prompt={} is in",
-                                    "subject=The tower", "target= Rome"])
-    err = capsys.readouterr().err
-    assert exc.value.code == 2 and "'auto' or 'auto:TRACE.json'" in err and err.count("\n") == 1
+    code, _, err = run_command(edit_main, EDIT_USAGE, ["model=tiny-gpt2", "editor=rome", "editor.layer=best",
+                                                       "prompt={} is in", "subject=The tower", "target= Rome"], capsys)
+    assert code == 2 and "'auto' or 'auto:TRACE.json'" in err and err.count("\n") == 1
