@@ -67,6 +67,7 @@ class TraceSettings:
     #                       many layers share a forward pass that starts at the group's first block (SmolLM2,
     #                       s / fact: 2 → 7.9, 4 → 6.1, 8 → 5.3)
     fast: bool = True  # decoder-only: prefix caches and partial passes (same numbers, several times faster)
+    onednn: bool = True  # float32 on CPU: linear layers through oneDNN (mend.onednn; 2× MKL on AMD CPUs)
 
     def check(self) -> None:
         for name in ("samples", "window", "batch_tokens", "layer_group"):

@@ -36,6 +36,7 @@ at a time and measure how much of the probability of the model's own answer come
   per_fact=true       also a heatmap per fact
   seed=N              noise seed [0]
   batch_tokens=N      tokens per forward pass [2048]
+  onednn=false        keep the default float32 matmuls on CPU (oneDNN's are ~2× faster on AMD, same precision)
   cache=false         do not store the layer recommendation for layer=auto
   progress=false      no progress bar
 """
@@ -62,6 +63,7 @@ class TraceCommand:
     per_fact: bool = False
     seed: int = 0
     batch_tokens: int = TraceSettings.batch_tokens
+    onednn: bool = True
     cache: bool = True
     progress: bool = True
 
@@ -76,7 +78,7 @@ def _dtype(name: str) -> torch.dtype:
 def main(argv: list[str]) -> int:
     cfg = build_config(TraceCommand, argv, text_keys=("out", "data.path"))
     settings = TraceSettings(samples=cfg.samples, window=cfg.window, kinds=tuple(cfg.kinds),
-                             batch_tokens=cfg.batch_tokens)
+                             batch_tokens=cfg.batch_tokens, onednn=cfg.onednn)
     settings.check()
     if cfg.noise < 0:
         raise ConfigError(f"noise must be >= 0, got {cfg.noise}")

@@ -9,8 +9,8 @@ Two engines give the same numbers (tests check them against each other and again
   of its window). Nothing before position t changes (causal attention) and nothing below block f, so its row runs
   only positions t… from block f up: the keys and values of positions < t come from the corrupted run's cache
   and the input of block f from the corrupted run's recorded block inputs. Rows of the same token whose f falls in
-  the same group of ``layer_group`` layers share one pass starting at the group's lowest f. On SmolLM2 this does
-  about a third of the work of the plain engine.
+  the same group of ``layer_group`` layers share one pass starting at the group's lowest f. On SmolLM2 (30 layers,
+  10-token prompts) that is ~40% of the plain engine's multiply-adds; measured 1.3× faster (many smaller passes).
 """
 
 from __future__ import annotations

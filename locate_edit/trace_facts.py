@@ -11,6 +11,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from locate_edit.trace import Fact, FactTrace, Tracer, TraceSettings, embedding_std, prepare, trace_fact
 from mend.errors import ConfigError, MendError
+from mend.onednn import onednn_linears
 from mend.scoring import encode_pair
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ def trace_facts(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Seq
     settings.check()
     noise_std = noise * embedding_std(model, tok, facts)
     tr = Tracer(model, tok)
-    traces = [trace_fact(model, tok, f, noise_std, settings, fact_seed(seed, i), tracer=tr)
-              for i, f in enumerate(tqdm(facts, desc="tracing", unit="fact", disable=not progress))]
+    with onednn_linears(model, settings.onednn):
+        traces = [trace_fact(model, tok, f, noise_std, settings, fact_seed(seed, i), tracer=tr)
+                  for i, f in enumerate(tqdm(facts, desc="tracing", unit="fact", disable=not progress))]
     return traces, noise_std

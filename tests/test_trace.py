@@ -191,3 +191,24 @@ def test_average_is_the_mean_over_tokens_of_each_row():
     back = AverageTrace.from_json(avg.to_json())
     assert back.counts == avg.counts and torch.equal(torch.isnan(back.effects["residual"]), torch.isnan(r))
     assert len(avg.to_json()["rows"]) == len(ROWS) and avg.to_json()["effects"]["residual"][4] == [None, None]
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])  # nn.Linear and GPT-2's Conv1D
+def test_onednn_linears_give_the_same_trace_and_are_undone(sharp, name):
+    from mend.onednn import onednn_linears
+
+    model, tok = sharp(name)
+    plain = trace_fact(model, tok, FACT, NOISE, FEW)
+    with onednn_linears(model) as applied:
+        assert applied
+        patched = [m for m in model.modules() if "forward" in m.__dict__]
+        assert len(patched) >= 4 * model.config.num_hidden_layers
+        fast = trace_fact(model, tok, FACT, NOISE, FEW)
+        x = torch.randn(2, 3, model.config.hidden_size, requires_grad=True)
+        patched[0](x).sum().backward()  # with gradients the layer's own forward runs
+        assert x.grad is not None
+    assert not [m for m in model.modules() if "forward" in m.__dict__]
+    scale = max(e.abs().max().item() for e in plain.effects.values())
+    assert fast.p_clean == pytest.approx(plain.p_clean, rel=1e-5)
+    for k in plain.effects:
+        assert torch.allclose(fast.effects[k], plain.effects[k], atol=1e-4 * scale, rtol=0), k

@@ -196,3 +196,18 @@ def test_a_bad_layer_setting_is_a_one_line_error(capsys):
     code, _, err = run_command(edit_main, EDIT_USAGE, ["model=tiny-gpt2", "editor=rome", "editor.layer=best",
                                                        "prompt={} is in", "subject=The tower", "target= Rome"], capsys)
     assert code == 2 and "'auto' or 'auto:TRACE.json'" in err and err.count("\n") == 1
+
+
+def test_known_facts_load_as_requests_and_facts(tmp_path):
+    from locate_edit.trace import Fact
+    from mend.data.registry import load_dataset
+
+    path = tmp_path / "known.json"
+    path.write_text(json.dumps([*KNOWNS, {"subject": "Rome", "prompt": "Paris is in", "attribute": "France"}]))
+    ds = load_dataset("known", str(path))
+    assert len(ds.requests) == 2 and ds.skipped[0][0] == 2 and "does not occur" in ds.skipped[0][1]
+    req = ds.requests[1]
+    assert (req.prompt, req.subject, req.target_new, req.meta["known_id"]) == (
+        "{} flows into the", "The Nile", " Mediterranean", 1)
+    fact = Fact.from_request(req)
+    assert fact.text == "The Nile flows into the" and fact.subject == "The Nile" and fact.expected == " Mediterranean"
