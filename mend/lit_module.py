@@ -24,7 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from mend.adapters import WeightRef, get_adapter
 from mend.factors import edit_factors, edited_target_logits, row_nll, target_tokens
 from mend.hypernet import HypernetConfig, MendHypernet, WeightSpec
-from mend.scoring import TargetBatch, make_batch
+from mend.scoring import TargetBatch, forward_target_logits, make_batch, select_rows
 from mend.upper_blocks import UpperBlocks
 
 log = logging.getLogger(__name__)
@@ -120,12 +120,20 @@ class MendModule(pl.LightningModule):
         f = self.frozen
         tb = self._tokenize(batch["prompt"] + batch["paraphrase"] + batch["loc_prompt"],
                             batch["target"] + batch["para_target"] + batch["loc_target"])
-        with f.upper.only(tb):
-            factors, pre = edit_factors(f.model, f.adapter, f.refs, tb, n)  # pre: (N, V) unedited, packed
-            if update_stats:
-                for label, (u, d) in factors.items():
-                    self.hypernet.update_stats(label, u, d)
-            deltas = self.deltas(factors)
+        rows_all = tb.target_ids.shape[0]
+        hidden = f.upper.lower(tb)  # (R, L, d) input of the first edited block, or None (no partial passes)
+        # The factors need gradients on the edit rows only; the other rows' unedited logits need none.
+        edit_tb, rest_tb = select_rows(tb, 0, n), select_rows(tb, n, rows_all)
+        with f.upper.start_from(_slice(hidden, edit_tb, 0, n)):
+            factors, pre_edit = edit_factors(f.model, f.adapter, f.refs, edit_tb, n)
+        with torch.no_grad(), f.upper.start_from(_slice(hidden, rest_tb, n, rows_all)):
+            pre_rest = forward_target_logits(f.model, rest_tb, packed=True)
+        pre = torch.cat([pre_edit, pre_rest])  # (N, V) unedited, packed (rows in order)
+        if update_stats:
+            for label, (u, d) in factors.items():
+                self.hypernet.update_stats(label, u, d)
+        deltas = self.deltas(factors)
+        with f.upper.start_from(hidden):
             post = edited_target_logits(f.model, f.adapter, tb, deltas)  # (N, V) edited
         rows, _ = target_tokens(tb)
         loc = rows >= n_edit  # (N,) locality tokens
@@ -161,6 +169,11 @@ class MendModule(pl.LightningModule):
             if m.update_count:
                 self.log(f"val/{k}", m.compute(), prog_bar=k in ("edit_success", "kl"))
             m.reset()
+
+
+def _slice(hidden: torch.Tensor | None, sub: TargetBatch, lo: int, hi: int) -> torch.Tensor | None:
+    """The rows [lo, hi) of a cached hidden state, trimmed like ``sub`` (see ``select_rows``)."""
+    return None if hidden is None else hidden[lo:hi, : sub.inputs["input_ids"].shape[1]]
 
 
 @torch.no_grad()

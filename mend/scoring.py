@@ -81,6 +81,17 @@ def make_batch(
                        [len(p) for p, _ in pairs])
 
 
+def select_rows(batch: TargetBatch, lo: int, hi: int) -> TargetBatch:
+    """Rows ``[lo, hi)`` of a batch; a decoder-only batch is trimmed to those rows' longest sequence (right
+    padding: the kept positions are unchanged, so hidden states can be sliced the same way)."""
+    inputs = {k: v[lo:hi] for k, v in batch.inputs.items()}
+    if "decoder_input_ids" not in inputs:
+        width = int(inputs["attention_mask"].sum(1).max()) if hi > lo else 0
+        inputs = {k: v[:, :width] for k, v in inputs.items()}
+    return TargetBatch(inputs, batch.target_ids[lo:hi], batch.target_mask[lo:hi], batch.logit_pos[lo:hi],
+                       batch.prompt_lens[lo:hi])
+
+
 def _pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     n = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), n), pad, dtype=torch.long)

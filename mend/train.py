@@ -77,11 +77,35 @@ def resume_path(cfg: Any, out: Path) -> Path | None:
     return last
 
 
+def finished(cfg: Any, out: Path) -> bool:
+    """A run that already reached ``max_steps`` and was evaluated with the same settings: say so, show its table."""
+    import json
+
+    try:
+        metrics = json.loads((out / METRICS_FILE).read_text())
+        saved_eval = OmegaConf.load(out / CONFIG_FILE).get("eval")
+    except (OSError, ValueError):
+        return False
+    same_eval = saved_eval == cfg.eval and "evaluation" in metrics
+    if metrics.get("steps", 0) < cfg.trainer.max_steps or (cfg.eval.enabled and not same_eval):
+        return False
+    print(f"{out} already holds this run, trained for {metrics['steps']} steps (raise trainer.max_steps to go on, "
+          "or resume=false to start afresh)")
+    table = out / "eval" / "results.md"
+    if cfg.eval.enabled and table.exists():
+        print(table.read_text())
+        print(f"evaluation: {table}; reproduce it with: {metrics['evaluation']['command']}")
+    print(f"editor: {out / EDITOR_FILE} (+ {CONFIG_FILE}); metrics: {out / METRICS_FILE}")
+    return True
+
+
 def main(argv: list[str]) -> int:
     cfg = build_config(TrainCommand, argv, text_keys=("out", "name"), base=config_dir() / "train" / "default.yaml")
     validate(cfg)
     out = Path(cfg.out) if cfg.out else Path("checkpoints") / run_name(cfg)
     ckpt = resume_path(cfg, out)
+    if ckpt is not None and finished(cfg, out):
+        return 0
     import lightning.pytorch as pl
 
     from mend.adapters import get_adapter

@@ -34,18 +34,35 @@ class UpperBlocks:
         self._used = 0
         self.hits = self.misses = 0
 
+    @property
+    def active(self) -> bool:
+        return self.layer is not None and self.layer > 0
+
+    def lower(self, batch: TargetBatch) -> torch.Tensor | None:
+        """(B, L, d) input of the first edited block for ``batch`` (no gradients; cached rows reused), or None
+        for models without partial passes (T5)."""
+        if not self.active:
+            return None
+        with torch.no_grad():
+            return self._hidden(batch.inputs) if self.cache_bytes > 0 else self._lower(batch.inputs)
+
     @contextlib.contextmanager
-    def only(self, batch: TargetBatch) -> Iterator[None]:
-        """Inside, forward passes on ``batch``'s inputs run only the blocks from the first edited layer on; the
-        blocks below run once here, without gradients. A no-op for models without partial passes (T5)."""
-        if self.layer is None or self.layer == 0:
+    def start_from(self, hidden: torch.Tensor | None) -> Iterator[None]:
+        """Inside, forward passes run only the blocks from the first edited layer on, starting from ``hidden``
+        (from :meth:`lower`, for the batch being run); a no-op when ``hidden`` is None."""
+        if hidden is None:
             yield
             return
         if self._tuple_len is None:
             self._tuple_len = block_output_len(self.adapter, self.layer)
-        with torch.no_grad():
-            hidden = self._hidden(batch.inputs) if self.cache_bytes > 0 else self._lower(batch.inputs)
         with start_at_layer(self.adapter, self.layer, hidden, self._tuple_len):
+            yield
+
+    @contextlib.contextmanager
+    def only(self, batch: TargetBatch) -> Iterator[None]:
+        """Inside, forward passes on ``batch``'s inputs run only the blocks from the first edited layer on; the
+        blocks below run once here, without gradients. A no-op for models without partial passes (T5)."""
+        with self.start_from(self.lower(batch)):
             yield
 
     def _lower(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -177,3 +177,35 @@ def test_uninitialised_statistics_are_refused(tiny):
     hn = _hypernet(adapter, refs)
     with pytest.raises(RuntimeError, match="not initialised"):
         hn.delta(refs[0].label, *factors[refs[0].label])
+
+
+def test_training_step_with_partial_passes_equals_the_full_computation(tiny):
+    """The lower blocks computed once (and the edit rows run apart from the others) change nothing."""
+    from mend.data.lit_data import Sample, collate
+    from mend.lit_module import LossSection, MendModule, OptimSection
+
+    model, tok = tiny("tiny-llama")
+    refs = get_adapter(model).weight_refs(["mlp_out"], [-2, -1])
+    batch = collate([Sample("The tower is in", " Rome", ("Where is the tower? In",), ("Big Ben is in", "A"),
+                            (" London", " b")),
+                     Sample("Bob plays the", " piano", ("Bob is good at the",), ("Ann plays", "Cy is"),
+                            (" drums", " tall"))])
+    outs = []
+    for partial in (True, False):
+        torch.manual_seed(0)
+        m = MendModule(model, tok, refs, HypernetConfig(rank=8, alpha_init=1.0), OptimSection(), LossSection())
+        if not partial:
+            m.frozen.upper.layer = None
+        assert m.frozen.upper.active is partial
+        tb = m._tokenize(batch["prompt"], batch["target"])
+        with m.frozen.upper.only(tb):
+            factors, _ = edit_factors(model, m.frozen.adapter, refs, tb, 2)
+        _warm(m.hypernet, factors)
+        with torch.no_grad():  # a trained-looking network: not the identity
+            for name, prm in m.hypernet.named_parameters():
+                if name.endswith("up.weight"):
+                    prm.normal_(0, 0.1)
+        outs.append(m.step(batch, update_stats=False))
+    for k in outs[0]:
+        torch.testing.assert_close(outs[0][k], outs[1][k], rtol=1e-4, atol=1e-6)
+    assert outs[0]["kl"] > 1e-4  # the edit does reach the locality rows

@@ -156,6 +156,10 @@ def test_train_end_evaluation_is_reproduced_by_mend_evaluate(tmp_path, capsys):
     again = json.loads((out / "eval-check" / "results.json").read_text())["editors"]["mend"]["metrics"]
     for k in ("efficacy", "generalization", "locality", "edit_success", "kl_locality"):
         assert again[k] == ev["trained"][k], k
+    capsys.readouterr()
+    train(out, "model=tiny-gpt2", "trainer.max_steps=2", "eval.enabled=true", "eval.limit=3", "eval.drawdown=none")
+    shown = capsys.readouterr().out  # the same command again: nothing to do, the table is shown again
+    assert "already holds this run" in shown and "| mend |" in shown
 
 
 def test_bad_training_config_is_one_line(capsys):
