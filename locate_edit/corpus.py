@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from mend.data.text import SAMPLER_VERSION
 from mend.errors import ConfigError, MendError
 from mend.io import atomic_write
 from mend.models import fingerprint
@@ -59,7 +60,7 @@ def resolve_corpus(corpus: str) -> CorpusSpec:
         found = default_text_file()
         return resolve_corpus(str(found)) if found else resolve_corpus("self")
     if corpus == "self":
-        return CorpusSpec("self", "", f"self-seed{SAMPLE_SEED}")
+        return CorpusSpec("self", "", f"self-v{SAMPLER_VERSION}-seed{SAMPLE_SEED}")
     if corpus.startswith("hf:"):
         parts = corpus[3:].split(":")
         if not parts[0] or len(parts) > 3:
@@ -101,7 +102,7 @@ def self_corpus(model: PreTrainedModel, tok: PreTrainedTokenizerBase, n_seqs: in
 
     from mend.data.text import sample_token_batch
 
-    path = cache_dir() / "corpora" / fingerprint(model) / f"self-seed{seed}-{n_seqs}x{seq_len}.safetensors"
+    path = cache_dir() / "corpora" / fingerprint(model) / f"self-v{SAMPLER_VERSION}-seed{seed}-{n_seqs}x{seq_len}.safetensors"
     if path.exists():
         return load_file(path)["input_ids"]
     log.info("sampling %d x %d tokens from the model for the `self` corpus (once; cached at %s)", n_seqs, seq_len, path)

@@ -14,6 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mend.adapters import ModelAdapter, WeightRef
 from mend.adapters.partial import run_until
+from mend.data.text import document_start_ids
 from mend.hooks import capture
 from mend.io import write_json
 from mend.models import fingerprint
@@ -29,9 +30,13 @@ def context_templates(
     seed: int = 0, cache: bool = True,
 ) -> list[str]:
     """``["{}"]`` plus, for each ``(length, n)`` in ``spec``, n short texts sampled from the model (top-k 5) ending
-    in ``". {}"``: the prefixes ROME averages keys and values over. Cached per model fingerprint."""
+    in ``". {}"``: the prefixes ROME averages keys and values over. Cached per model fingerprint.
+
+    Sampling starts after the document-start token (:func:`mend.data.text.document_start_ids`), which is not part
+    of the template: without it SmolLM2 writes prefixes like "The-the-best-fantasy-f." instead of text."""
     spec = [tuple(int(x) for x in s) for s in spec]
-    key = hashlib.sha256(json.dumps([fingerprint(model), spec, seed]).encode()).hexdigest()[:16]
+    head = [] if model.config.is_encoder_decoder else document_start_ids(tok)
+    key = hashlib.sha256(json.dumps([fingerprint(model), spec, seed, head]).encode()).hexdigest()[:16]
     path = cache_dir() / "templates" / f"{key}.json"
     if cache and path.exists():
         return json.loads(path.read_text())
@@ -41,9 +46,10 @@ def context_templates(
     for length, n in spec:
         for i in range(n):
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-            enc = tok(OPENINGS[i % len(OPENINGS)], return_tensors="pt").to(model.device)
+            ids = torch.tensor([head + tok(OPENINGS[i % len(OPENINGS)]).input_ids], device=model.device)
             with torch.no_grad():
-                ids = model.generate(**enc, do_sample=True, top_k=5, max_new_tokens=length, pad_token_id=pad)
+                ids = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=5,
+                                     max_new_tokens=length, pad_token_id=pad)
             text = tok.decode(ids[0], skip_special_tokens=True).replace("{", " ").replace("}", " ")
             out.append(" ".join(text.split()) + ". {}")
     if cache:

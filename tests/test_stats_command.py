@@ -54,6 +54,41 @@ def test_sample_token_batch_is_deterministic_and_leaves_the_rng_alone(tiny):
     assert not torch.equal(a, sample_token_batch(model, tok, 5, 8, seed=4, batch_size=2))
 
 
+def test_document_start_ids_follow_the_tokenizer():
+    from tokenizers import processors
+
+    from mend.data.text import DOCUMENT_SEPARATOR, document_start_ids
+    from mend.tiny import BOS_ID, byte_tokenizer
+
+    tok = byte_tokenizer()
+    assert document_start_ids(tok) == [BOS_ID]  # no document separator, and tok() does not add the BOS itself
+    tok.add_special_tokens({"additional_special_tokens": [DOCUMENT_SEPARATOR]})
+    assert document_start_ids(tok) == [tok.convert_tokens_to_ids(DOCUMENT_SEPARATOR)]
+    adds_bos = byte_tokenizer()
+    adds_bos._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS_ID)])
+    assert adds_bos("The").input_ids[0] == BOS_ID and document_start_ids(adds_bos) == []
+
+
+def test_samples_and_templates_start_after_the_document_start(tiny, monkeypatch):
+    from locate_edit.keys import context_templates
+    from mend.data.text import sample_token_batch
+    from mend.tiny import BOS_ID
+
+    model, tok = tiny("tiny-gpt2")
+    seen = []
+    generate = model.generate
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["input_ids"][:, 0].tolist())
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", spy)
+    rows = sample_token_batch(model, tok, 3, 5, seed=0)
+    templates = context_templates(model, tok, [[4, 2]], seed=0, cache=False)
+    assert rows.shape == (3, 5) and seen == [[BOS_ID] * 3, [BOS_ID], [BOS_ID]]
+    assert len(templates) == 3 and all(t.endswith(". {}") and "<s>" not in t for t in templates[1:])
+
+
 def test_hf_corpus_offline_is_a_clear_error(tiny, monkeypatch):
     import datasets
 

@@ -67,6 +67,24 @@ def drawdown_tokens(model: PreTrainedModel, tok: PreTrainedTokenizerBase, source
 
 
 SAMPLE_OPENINGS = ("The", "In", "A", "It", "This", "When", "On", "There", "After", "Many")
+SAMPLER_VERSION = 2  # 2: samples start after the document-start token (see document_start_ids)
+DOCUMENT_SEPARATOR = "<|endoftext|>"  # what GPT-2, GPT-J, SmolLM2 and Qwen2 put between pretraining documents
+
+
+def document_start_ids(tok: PreTrainedTokenizerBase) -> list[int]:
+    """The token(s) a model saw at the start of a pretraining document, to put before a sampling opening.
+
+    Without them some models sample at position 0 as from the middle of nothing: SmolLM2 continues "The" with
+    "-the-key-to-be-t", and after ``<|endoftext|>`` with "The average of a set of numbers is a common problem".
+    Empty when the tokenizer adds a BOS token itself (Llama, Gemma) or has no such token (T5); otherwise the
+    document separator when the vocabulary has one, else the BOS token."""
+    probe = tok("The").input_ids
+    if probe != tok("The", add_special_tokens=False).input_ids:
+        return []  # the tokenizer adds its own start token, which the callers' tok() calls keep
+    sep = tok.convert_tokens_to_ids(DOCUMENT_SEPARATOR) if DOCUMENT_SEPARATOR in tok.get_vocab() else None
+    if sep is not None:
+        return [sep]
+    return [tok.bos_token_id] if tok.bos_token_id is not None else []
 
 
 def opening_ids(tok: PreTrainedTokenizerBase) -> list[int]:
@@ -87,8 +105,9 @@ def sample_token_batch(model: PreTrainedModel, tok: PreTrainedTokenizerBase, n_s
                        seed: int = 0, batch_size: int = 32, progress: bool = False) -> torch.Tensor:
     """(n_seqs, seq_len) token ids sampled from the model (temperature 1, top-k 50), ``batch_size`` rows at a time.
 
-    Used for perplexity drawdown text and for statistics corpora of many thousand tokens. Each row starts from a
-    one-token opening (cycling over :data:`SAMPLE_OPENINGS`) that is not part of the row, so no row is padded.
+    Used for perplexity drawdown text and for statistics corpora of many thousand tokens. Each row starts from the
+    document-start token (:func:`document_start_ids`) and a one-token opening (cycling over
+    :data:`SAMPLE_OPENINGS`), neither part of the row, so no row is padded.
     Deterministic for a given seed and batch size; the caller's random state is left as it was.
     """
     if n_seqs <= 0 or seq_len <= 0 or batch_size <= 0:
@@ -96,6 +115,7 @@ def sample_token_batch(model: PreTrainedModel, tok: PreTrainedTokenizerBase, n_s
     from tqdm.auto import tqdm
 
     starts = opening_ids(tok)
+    head = [] if model.config.is_encoder_decoder else document_start_ids(tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     devices = [model.device.index or 0] if model.device.type == "cuda" else []
     rows: list[torch.Tensor] = []
@@ -103,7 +123,7 @@ def sample_token_batch(model: PreTrainedModel, tok: PreTrainedTokenizerBase, n_s
         torch.manual_seed(seed)
         for lo in tqdm(range(0, n_seqs, batch_size), desc="sampling text", unit="batch", disable=not progress):
             n = min(batch_size, n_seqs - lo)
-            prompt = torch.tensor([[starts[(lo + i) % len(starts)]] for i in range(n)], device=model.device)
+            prompt = torch.tensor([[*head, starts[(lo + i) % len(starts)]] for i in range(n)], device=model.device)
             out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
                                  temperature=1.0, top_k=50, top_p=1.0, max_new_tokens=seq_len,
                                  min_new_tokens=seq_len, pad_token_id=pad)
