@@ -51,9 +51,16 @@ def optimize_values(
     model: PreTrainedModel, tok: PreTrainedTokenizerBase, adapter: ModelAdapter, requests: Sequence[EditRequest],
     templates: Sequence[str], module: nn.Module, layer: int, s: ValueSettings,
 ) -> Values:
-    """δ for each request, optimised in chunks of ``s.chunk`` requests (each δ has its own loss terms)."""
-    parts = [_optimize_chunk(model, tok, adapter, requests[i : i + s.chunk], templates, module, layer, s)
-             for i in range(0, len(requests), s.chunk)]
+    """δ for each request, optimised in chunks of ``s.chunk`` requests (each δ has its own loss terms); a progress
+    bar counts the requests when there is more than one chunk (a MEMIT batch of 100 takes minutes on a CPU)."""
+    from tqdm.auto import tqdm
+
+    parts = []
+    with tqdm(total=len(requests), desc="v* optimisation", unit="request", leave=False,
+              disable=len(requests) <= s.chunk) as bar:
+        for i in range(0, len(requests), s.chunk):
+            parts.append(_optimize_chunk(model, tok, adapter, requests[i : i + s.chunk], templates, module, layer, s))
+            bar.update(len(requests[i : i + s.chunk]))
     return Values(torch.cat([p.delta for p in parts]), torch.cat([p.init for p in parts]),
                   [x for p in parts for x in p.steps], [x for p in parts for x in p.final_loss])
 
