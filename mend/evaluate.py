@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,7 +118,15 @@ def main(argv: list[str]) -> int:
     get_adapter(model)
     editors = [(n, create_editor(n, *editor_layers(n, cfg.model.name, model.config.model_type, settings[n])))
                for n in names]
-    results = evaluate_editors(cfg, model, tok, editors, ds)
+    def finished(label: str, partial: dict[str, Any]) -> None:
+        """Report each editor as soon as it is measured, and keep the reports written so far on disk."""
+        m = partial["editors"][label]["metrics"]
+        print(f"{label}: " + ", ".join(f"{k} {m[k]:.3f}" for k in ("efficacy", "generalization", "locality", "score")
+                                       if isinstance(m.get(k), float)), flush=True)
+        if len(partial["editors"]) < len(editors):
+            write_reports(partial, cfg.out)
+
+    results = evaluate_editors(cfg, model, tok, editors, ds, on_editor=finished)
     paths = write_reports(results, cfg.out)
     print(markdown_table(results))
     print("written: " + ", ".join(str(p) for p in paths.values()))
@@ -134,8 +143,10 @@ def load_eval_dataset(cfg: Any) -> Any:
     return ds
 
 
-def evaluate_editors(cfg: Any, model: Any, tok: Any, editors: list[tuple[str, Any]], ds: Any = None) -> dict[str, Any]:
-    """Measure the unedited model and each (label, editor) on the data set of ``cfg`` (an EvaluateCommand)."""
+def evaluate_editors(cfg: Any, model: Any, tok: Any, editors: list[tuple[str, Any]], ds: Any = None,
+                     on_editor: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Measure the unedited model and each (label, editor) on the data set of ``cfg`` (an EvaluateCommand);
+    ``on_editor(label, results so far)`` is called after each editor."""
     from mend.data.text import drawdown_tokens
 
     ds = ds if ds is not None else load_eval_dataset(cfg)
@@ -158,6 +169,8 @@ def evaluate_editors(cfg: Any, model: Any, tok: Any, editors: list[tuple[str, An
                                      "config": OmegaConf.to_container(OmegaConf.structured(ed.config))}
         if res.curve:
             results["editors"][label]["curve"] = res.curve
+        if on_editor is not None:
+            on_editor(label, results)
     return results
 
 

@@ -297,3 +297,34 @@ def test_evaluate_cli_skips_or_fails_on_malformed_records(tmp_path, capsys):
     res = json.loads((tmp_path / "skip" / "results.json").read_text())
     assert res["dataset"]["n"] == 2 and [s["record"] for s in res["dataset"]["skipped"]] == [1]
     assert not (tmp_path / "skip" / "curve.png").exists()  # no curve outside sequential mode
+
+
+def test_evaluate_cli_reports_each_editor_as_it_finishes(tmp_path, capsys):
+    """A long evaluation keeps what it measured: each editor's line is printed and the reports are written as soon
+    as it is done, so a later editor that fails (or a killed run) loses only its own results."""
+    from dataclasses import dataclass
+
+    from mend.editor import _REGISTRY, Editor, register_editor
+    from mend.errors import MendError
+
+    @dataclass
+    class BoomConfig:
+        layers: tuple = (1,)
+
+    @register_editor
+    class Boom(Editor):
+        name, Config = "boom-test", BoomConfig
+
+        def edit(self, model, tokenizer, requests):
+            raise MendError("boom-test always fails")
+
+    try:
+        path = _write(tmp_path, [flat(0), flat(1, subject="The bridge")])
+        out = tmp_path / "out"
+        code, stdout, err = _evaluate(_argv(path, out, "editors=[ft,boom-test]", "mode=batch"), capsys)
+        assert code == 2 and "boom-test always fails" in err
+        assert "ft: efficacy" in stdout
+        res = json.loads((out / "results.json").read_text())
+        assert set(res["editors"]) == {"ft"} and res["editors"]["ft"]["metrics"]["n"] == 2
+    finally:
+        _REGISTRY.pop("boom-test", None)
