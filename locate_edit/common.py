@@ -37,6 +37,7 @@ class GuardSettings:
     text_chunks: int = 4
     text_len: int = 64
 
+
 def default_templates() -> list[list[int]]:
     return [[10, 5]]
 

@@ -14,7 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mend.adapters import ModelAdapter, WeightRef
 from mend.adapters.partial import run_until
-from mend.data.text import document_start_ids
+from mend.data.text import sampling_prefix
 from mend.hooks import capture
 from mend.io import write_json
 from mend.models import fingerprint
@@ -35,7 +35,7 @@ def context_templates(
     Sampling starts after the document-start token (:func:`mend.data.text.document_start_ids`), which is not part
     of the template: without it SmolLM2 writes prefixes like "The-the-best-fantasy-f." instead of text."""
     spec = [tuple(int(x) for x in s) for s in spec]
-    head = [] if model.config.is_encoder_decoder else document_start_ids(tok)
+    head = sampling_prefix(model, tok)
     key = hashlib.sha256(json.dumps([fingerprint(model), spec, seed, head]).encode()).hexdigest()[:16]
     path = cache_dir() / "templates" / f"{key}.json"
     if cache and path.exists():

@@ -59,8 +59,9 @@ def optimize_values(
     with tqdm(total=len(requests), desc="v* optimisation", unit="request", leave=False,
               disable=len(requests) <= s.chunk) as bar:
         for i in range(0, len(requests), s.chunk):
-            parts.append(_optimize_chunk(model, tok, adapter, requests[i : i + s.chunk], templates, module, layer, s))
-            bar.update(len(requests[i : i + s.chunk]))
+            chunk = requests[i : i + s.chunk]
+            parts.append(_optimize_chunk(model, tok, adapter, chunk, templates, module, layer, s))
+            bar.update(len(chunk))
     return Values(torch.cat([p.delta for p in parts]), torch.cat([p.init for p in parts]),
                   [x for p in parts for x in p.steps], [x for p in parts for x in p.final_loss])
 

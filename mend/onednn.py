@@ -64,13 +64,16 @@ def onednn_linears(model: nn.Module, enabled: bool = True) -> Iterator[bool]:
         yield False
         return
     ops = torch.ops.mkldnn
-    patched = []
+    patched = []  # (module, the instance's own forward attribute before, if it had one)
     try:
         for mod, w in layers:
             bias = None if mod.bias is None else mod.bias.detach()
+            patched.append((mod, mod.__dict__.get("forward")))
             mod.forward = _packed_forward(ops._reorder_linear_weight(w.contiguous(), None), bias, mod.forward)
-            patched.append(mod)
         yield True
     finally:
-        for mod in patched:
-            del mod.forward  # the instance attribute: the class's forward shows again
+        for mod, own in patched:
+            if own is None:
+                del mod.forward  # the class's forward shows again
+            else:
+                mod.forward = own  # e.g. a hook wrapper that was there before

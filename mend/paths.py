@@ -28,3 +28,9 @@ def data_dir() -> Path:
     """The data root: $MEND_DATA_DIR, else ../shared/data relative to the repository."""
     env = os.environ.get("MEND_DATA_DIR")
     return Path(env).expanduser() if env else REPO_ROOT.parent / "shared" / "data"
+
+
+def under_data_root(path: str | Path) -> Path:
+    """A data file: ``path`` as given when it exists (or is absolute), else relative to :func:`data_dir`."""
+    p = Path(path)
+    return p if p.exists() or p.is_absolute() else data_dir() / p

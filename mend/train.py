@@ -16,7 +16,7 @@ from mend.cli import run
 from mend.config import build_config
 from mend.errors import ConfigError
 from mend.io import write_json
-from mend.paths import config_dir
+from mend.paths import config_dir, under_data_root
 from mend.run_dir import CONFIG_FILE, EDITOR_FILE, LAST_DIR, METRICS_FILE, EditedWeight, EditorInfo
 from mend.train_config import TrainCommand, validate
 
@@ -186,13 +186,6 @@ def _trainer(cfg: Any, out: Path, module: Any, info: EditorInfo, train_doc: dict
     return trainer, callback
 
 
-def data_path(path: str) -> str:
-    """A data file: as given when it exists, else relative to the data root ($MEND_DATA_DIR)."""
-    from mend.paths import data_dir
-
-    return path if Path(path).exists() or Path(path).is_absolute() else str(data_dir() / path)
-
-
 def final_evaluation(cfg: Any, out: Path, model: Any, tok: Any, module: Any) -> dict[str, Any]:
     """The trained editor (read back from ``out``) beside the untrained one, on held-out data; prints the table."""
     from mend.editors.mend import MendConfig, MendEditor
@@ -203,7 +196,7 @@ def final_evaluation(cfg: Any, out: Path, model: Any, tok: Any, module: Any) -> 
     e = cfg.eval
     args = [f"model={cfg.model.name}", f"data={e.data}", f"data.split={e.split}", f"drawdown.source={e.drawdown}",
             f"out={out / 'eval'}", f"progress={cfg.trainer.progress}"]
-    extra = ([f"data.path={data_path(e.path)}"] if e.path else []) + ([f"data.limit={e.limit}"] if e.limit else [])
+    extra = ([f"data.path={under_data_root(e.path)}"] if e.path else []) + ([f"data.limit={e.limit}"] if e.limit else [])
     args += extra
     ecfg = build_config(EvaluateCommand, args, text_keys=("out", "data.path"))
     trained = MendEditor(MendConfig(checkpoint=str(out)))

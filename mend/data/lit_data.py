@@ -18,13 +18,13 @@ import logging
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mend.errors import MendError
+from mend.paths import data_dir, under_data_root
 from mend.requests import EditRequest
 
 log = logging.getLogger(__name__)
@@ -199,17 +199,9 @@ def load_training_requests(cfg: TrainDataSection, seed: int = 0) -> tuple[list[E
         raise MendError(f"data.name must be builtin or one of {', '.join(sorted(TRAIN_FILES))} for training, "
                         f"got '{cfg.name}'")
     train_rel, val_rel = TRAIN_FILES[cfg.name]
-    train_path, val_path = (str(_under_root(p, d)) for p, d in ((cfg.path, train_rel), (cfg.val_path, val_rel)))
+    train_path, val_path = (str(data_dir() / d if p is None else under_data_root(p))
+                            for p, d in ((cfg.path, train_rel), (cfg.val_path, val_rel)))
     train = load_dataset(cfg.name, train_path, cfg.limit).requests
     val = load_dataset(cfg.name, val_path, cfg.val_limit).requests
     return train, val
 
-
-def _under_root(path: str | None, default: str) -> Path:
-    """``path`` as given when it exists (or is absolute), else under the data root; ``default`` when None."""
-    from mend.paths import data_dir
-
-    if path is None:
-        return data_dir() / default
-    p = Path(path)
-    return p if p.exists() or p.is_absolute() else data_dir() / p

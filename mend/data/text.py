@@ -87,6 +87,12 @@ def document_start_ids(tok: PreTrainedTokenizerBase) -> list[int]:
     return [tok.bos_token_id] if tok.bos_token_id is not None else []
 
 
+def sampling_prefix(model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> list[int]:
+    """What sampling from ``model`` starts with before an opening word: the document-start token(s) of a
+    decoder-only model, nothing for an encoder-decoder one (its decoder has its own start token)."""
+    return [] if model.config.is_encoder_decoder else document_start_ids(tok)
+
+
 def opening_ids(tok: PreTrainedTokenizerBase) -> list[int]:
     """One token per neutral opening word (its first token), duplicates removed: single-token prompts never need
     padding, so any mix of them can share a batch."""
@@ -115,7 +121,7 @@ def sample_token_batch(model: PreTrainedModel, tok: PreTrainedTokenizerBase, n_s
     from tqdm.auto import tqdm
 
     starts = opening_ids(tok)
-    head = [] if model.config.is_encoder_decoder else document_start_ids(tok)
+    head = sampling_prefix(model, tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     devices = [model.device.index or 0] if model.device.type == "cuda" else []
     rows: list[torch.Tensor] = []
