@@ -155,3 +155,11 @@ def test_single_object_relation_rejected(tmp_path):
     p = _write(tmp_path, "subject,relation,object\nKyoto,city_country,Japan\nOsaka,city_country,Japan\n")
     with pytest.raises(MendError, match="at least two different objects"):
         builtin_requests("all", path=p)
+
+
+def test_scored_like_mend():
+    """The built-in facts are MEND-style data: locality is agreement with the unedited model (see metrics.py)."""
+    from mend.data.registry import load_dataset
+
+    ds = load_dataset("builtin", None, limit=3)
+    assert ds.style == "mend" and len(ds.requests) == 3

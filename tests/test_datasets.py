@@ -46,7 +46,7 @@ def _check_requests(reqs) -> None:
 # name, file under the data root, style, (paraphrases, neighbourhood, portability, generation prompts) expected
 REAL = [
     ("counterfact", "counterfact/counterfact_rome.json", "counterfact", (True, True, False, True)),
-    ("counterfact", "counterfact/counterfact-val.json", "counterfact", (True, True, False, False)),
+    ("counterfact", "counterfact/counterfact-val.json", "mend", (True, True, False, False)),
     ("zsre", "zsre/zsre_mend_eval_portability_gpt4.json", "zsre", (True, True, True, False)),
     ("knowedit", "knowedit/ZsRE/ZsRE-test-all.json", "zsre", (True, True, True, False)),
 ]

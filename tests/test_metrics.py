@@ -282,6 +282,24 @@ def test_zsre_style_by_hand():
     assert cf["kl_locality"] == pytest.approx(manual, abs=2e-3)
 
 
+def test_mend_style_by_hand():
+    """Flat CounterFact / built-in facts: efficacy and generalization compare new with true (as CounterFact),
+    locality is agreement with the unedited model (as zsRE), and the CounterFact comparison is ``neighborhood``."""
+    model = TableLM(ROWS)
+    (pre,), refs = measure(model, TOK, [request()], "mend", batch_size=2)
+    (cf,), _ = measure(model, TOK, [request()], "counterfact", batch_size=2)
+    assert pre["efficacy"] == cf["efficacy"] == 1.0 and pre["generalization"] == cf["generalization"] == 0.5
+    assert pre["neighborhood"] == cf["locality"] == 0.5 and cf["neighborhood"] is None
+    assert pre["locality"] == 1.0  # the unedited model agrees with itself
+    # edited: after L the argmax becomes N (first neighbour's answer F no longer the argmax); M unchanged
+    edited = TableLM({**ROWS, "L": {"N": 0.9, "F": 0.05}})
+    (post,), _ = measure(edited, TOK, [request()], "mend", references=refs)
+    assert post["locality"] == 0.5  # neighbour L: 0 of 1 positions agree; neighbour M: 1 of 1
+    assert post["neighborhood"] == 0.0  # L: the new target now wins; M: it already did
+    (zs,), _ = measure(edited, TOK, [request()], "zsre", references=refs)
+    assert post["locality"] == zs["locality"] and post["kl_locality"] == pytest.approx(zs["kl_locality"])
+
+
 def test_evaluator_pre_on_the_table_model():
     """The aggregate of pre(): means over the requests that have a value, harmonic score, perplexity."""
     model = TableLM(ROWS)

@@ -1,4 +1,4 @@
-"""The built-in facts as an EditDataset (CounterFact-style metrics)."""
+"""The built-in facts as an EditDataset (MEND-style metrics: see mend.evaluation.metrics)."""
 
 from __future__ import annotations
 
@@ -9,4 +9,4 @@ def load_builtin(split: str = "test", limit: int | None = None, seed: int = 0, p
     from mend.data.builtin import builtin_requests
 
     reqs = builtin_requests(split=split, limit=limit, seed=seed, path=path)
-    return EditDataset("builtin", "counterfact", reqs, path or "builtin", [])
+    return EditDataset("builtin", "mend", reqs, path or "builtin", [])

@@ -31,8 +31,10 @@ def flat_record(rec: dict[str, Any], i: int) -> list[EditRequest]:
 
 
 def load_counterfact(path: str | Path, limit: int | None = None, on_error: str = "skip") -> EditDataset:
-    """Either format; the first record decides which."""
+    """Either format; the first record decides which. ROME's format is scored as CounterFact (locality: the true
+    target stays more likely than the new one on the neighbourhood prompts); the flat MEND / EasyEdit format as
+    MEND and EasyEdit score it (locality: agreement with the unedited model on the locality prompt's answer)."""
     records = read_json_records(path)
-    fn = rome_record if records and isinstance(records[0], dict) and "requested_rewrite" in records[0] else flat_record
-    reqs, skipped = convert(records, fn, on_error, limit, str(path))
-    return EditDataset("counterfact", "counterfact", reqs, str(path), skipped)
+    rome = bool(records) and isinstance(records[0], dict) and "requested_rewrite" in records[0]
+    reqs, skipped = convert(records, rome_record if rome else flat_record, on_error, limit, str(path))
+    return EditDataset("counterfact", "counterfact" if rome else "mend", reqs, str(path), skipped)

@@ -20,7 +20,7 @@ class EditDataset:
     """Requests from one source, with the metric style their fields call for."""
 
     name: str
-    style: str  # "counterfact" or "zsre" (see mend.evaluation.metrics)
+    style: str  # "counterfact", "zsre" or "mend" (see mend.evaluation.metrics)
     requests: list[EditRequest]
     path: str | None = None
     skipped: list[tuple[int, str]] = field(default_factory=list)  # (record index, reason)

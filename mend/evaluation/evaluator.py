@@ -23,7 +23,8 @@ from mend.requests import EditRequest
 
 log = logging.getLogger(__name__)
 MODES = ("single", "batch", "sequential")
-RECORD_KEYS = ("efficacy", "generalization", "locality", "edit_success", "loc_accuracy", "kl_locality", "portability")
+RECORD_KEYS = ("efficacy", "generalization", "locality", "neighborhood", "edit_success", "loc_accuracy", "kl_locality",
+               "portability")
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """Measure a model on edit requests: every prompt of every request scored in batched forward passes.
 
 ``style`` picks the metric definitions (see metrics.py): ``counterfact`` compares the new target with the true
-one; ``zsre`` uses teacher-forced token accuracy and agreement with the unedited model.
+one; ``zsre`` uses teacher-forced token accuracy and agreement with the unedited model; ``mend`` (the MEND /
+EasyEdit formats: flat CounterFact, the built-in facts) compares new with true for efficacy and generalization and
+scores locality by agreement with the unedited model, keeping the true-vs-new comparison as ``neighborhood``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from mend.evaluation.metrics import agreement, kl_divergence, mean, prefers
 from mend.requests import EditRequest
 from mend.scoring import TargetScore, score_targets
 
-STYLES = ("counterfact", "zsre")
+STYLES = ("counterfact", "zsre", "mend")
 
 
 @dataclass
@@ -36,7 +38,7 @@ class _Item:
 
 
 def _items(i: int, r: EditRequest, style: str) -> list[_Item]:
-    cf = style == "counterfact"
+    cf = style in ("counterfact", "mend")
     out = [_Item(i, "edit_new", r.text, r.target_new)]
     if cf:
         out.append(_Item(i, "edit_true", r.text, _true(r)))
@@ -96,13 +98,17 @@ def measure(
 
 def _record(g: dict[str, list[TargetScore]], style: str, ref: Reference | None) -> dict[str, float | None]:
     new, paras, locs = g["edit_new"][0], g.get("para_new", []), g.get("loc", [])
-    if style == "counterfact":
+    neighborhood = None
+    if style in ("counterfact", "mend"):
         efficacy = prefers(new.mean_logprob, g["edit_true"][0].mean_logprob)
         generalization = mean([prefers(a.mean_logprob, b.mean_logprob) for a, b in zip(paras, g.get("para_true", []))])
-        locality = mean([prefers(a.mean_logprob, b.mean_logprob) for a, b in zip(locs, g.get("loc_new", []))])
+        neighborhood = mean([prefers(a.mean_logprob, b.mean_logprob) for a, b in zip(locs, g.get("loc_new", []))])
     else:
         efficacy = new.token_accuracy
         generalization = mean([s.token_accuracy for s in paras])
+    if style == "counterfact":
+        locality, neighborhood = neighborhood, None
+    else:
         locality = mean([agreement(s.argmax, r) for s, r in zip(locs, ref.loc_argmax)]) if ref else (1.0 if locs else None)
     kl = mean([kl_divergence(r.float(), s.first_logdist) for s, r in zip(locs, ref.loc_logdist)]) if ref else (
         0.0 if locs else None)
@@ -110,6 +116,7 @@ def _record(g: dict[str, list[TargetScore]], style: str, ref: Reference | None) 
         "efficacy": efficacy,
         "generalization": generalization,
         "locality": locality,
+        "neighborhood": neighborhood,
         "edit_success": mean([float(s.greedy_match) for s in [new, *paras]]),
         "loc_accuracy": mean([s.token_accuracy for s in locs]),
         "kl_locality": kl,

@@ -5,6 +5,10 @@
   must stay more likely than the new one on neighbourhood prompts.
 - zsRE (Mitchell et al. 2022; Meng et al. 2022): teacher-forced token accuracy of the new target; locality is the
   fraction of the locality answer's positions whose argmax agrees with the unedited model.
+- MEND / EasyEdit formats (flat CounterFact, the built-in facts): efficacy and generalization as CounterFact;
+  locality as zsRE (agreement with the unedited model on the locality answer), as MEND and EasyEdit score them, so
+  the unedited model's locality is 1. The CounterFact comparison on the same prompts is kept as ``neighborhood``
+  (true target more likely than the new one), which the unedited model itself often fails on hard neighbours.
 - edit_success (MEND's ES): the whole target is the teacher-forced argmax continuation.
 - fluency: ROME's n-gram entropy: per text ``mean(2/3 · H₂, 4/3 · H₃)`` of word bigram / trigram frequencies
   (bits), averaged over texts (×1, not ×100).

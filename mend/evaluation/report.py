@@ -7,8 +7,8 @@ from typing import Any
 
 from mend.io import atomic_write, write_json, write_text
 
-TABLE_KEYS = ("efficacy", "generalization", "locality", "score", "edit_success", "portability", "drawdown_ppl",
-              "drawdown_acc", "kl_locality", "fluency", "seconds_per_edit")
+TABLE_KEYS = ("efficacy", "generalization", "locality", "score", "neighborhood", "edit_success", "portability",
+              "drawdown_ppl", "drawdown_acc", "kl_locality", "fluency", "seconds_per_edit")
 BAR_KEYS = ("efficacy", "generalization", "locality", "score", "edit_success")
 CURVE_KEYS = ("efficacy", "locality", "drawdown_ppl")
 
