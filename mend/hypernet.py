@@ -42,7 +42,7 @@ class HypernetConfig:
     combine: bool = True  # one network over [u; δ] (paper default), else one for u and one for δ
     shared: bool = True  # one network per weight shape, per-layer scale/shift; False: one per weight
     norm: bool = True  # standardise u and δ by running statistics
-    alpha_init: float = 1.0e-4  # initial edit step size α of every weight
+    alpha_init: float = 5.0e-3  # initial edit step size α of every weight
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,8 @@ VAL_METRICS = ("loss", "edit_nll", "kl", "edit_acc", "edit_success", "edit_succe
 
 @dataclass
 class OptimSection:
-    lr: float = 1.0e-4  # Adam, hypernetwork weights
-    lr_alpha: float = 1.0e-2  # Adam, log step sizes (a step of 1e-2 moves α by about 1%)
+    lr: float = 2.0e-3  # Adam, hypernetwork weights
+    lr_alpha: float = 3.0e-2  # Adam, log step sizes (a step of 1e-2 moves α by about 1%)
     weight_decay: float = 0.0
 
 

@@ -18,7 +18,7 @@ class EditSection:
     """Which weights MEND edits (layers count from the end when negative; stacks: all of the model's when null)."""
 
     layers: list[int] = field(default_factory=lambda: [-3, -2, -1])
-    kinds: list[str] = field(default_factory=lambda: ["mlp_out"])
+    kinds: list[str] = field(default_factory=lambda: ["mlp_gate", "mlp_up", "mlp_out"])  # those the model has
     stacks: list[str] | None = None
 
 
@@ -26,13 +26,13 @@ class EditSection:
 class TrainerSection:
     """Passed to ``lightning.Trainer`` (plus the batch size and checkpoint cadence)."""
 
-    max_steps: int = 1500
-    batch_size: int = 4  # edits per step on each device; their ΔW are summed
+    max_steps: int = 1200
+    batch_size: int = 1  # edits per step on each device; their ΔW are summed
     accumulate_grad_batches: int = 1
     gradient_clip_val: float = 1.0
-    val_check_interval: int = 250  # training batches between validations
+    val_check_interval: int = 300  # training batches between validations
     limit_val_batches: int | None = None
-    save_every_n_steps: int = 250  # <out>/last (resume) and the editor files
+    save_every_n_steps: int = 300  # <out>/last (resume) and the editor files
     log_every_n_steps: int = 10
     accelerator: str = "cpu"
     devices: Any = 1
@@ -41,7 +41,7 @@ class TrainerSection:
     fast_dev_run: bool = False
     progress: bool = True
     threads: int = 0  # torch CPU threads (0: leave as is)
-    cache_mb: float = 0.0  # cache the frozen lower blocks' output per sequence, up to this many MB (0: off)
+    cache_mb: float = 1500.0  # cache the frozen lower blocks' output per sequence, up to this many MB (0: off)
 
 
 @dataclass
