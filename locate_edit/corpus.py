@@ -48,6 +48,11 @@ def _text_files(path: Path) -> list[Path]:
     return sorted([*path.glob("*.txt"), *path.glob("*.raw")]) if path.is_dir() else [path]
 
 
+def _self_name(seed: int) -> str:
+    """The `self` corpus's name in cache keys: a new sampler version means new text, so new files."""
+    return f"self-v{SAMPLER_VERSION}-seed{seed}"
+
+
 def resolve_corpus(corpus: str) -> CorpusSpec:
     """Turn ``auto`` / ``self`` / a path / ``hf:NAME[:CONFIG[:SPLIT]]`` into a :class:`CorpusSpec` (cheap: reads
     no text). ``auto`` is WikiText from the data folder when present, else ``self``; a file's key holds a hash of
@@ -60,7 +65,7 @@ def resolve_corpus(corpus: str) -> CorpusSpec:
         found = default_text_file()
         return resolve_corpus(str(found)) if found else resolve_corpus("self")
     if corpus == "self":
-        return CorpusSpec("self", "", f"self-v{SAMPLER_VERSION}-seed{SAMPLE_SEED}")
+        return CorpusSpec("self", "", _self_name(SAMPLE_SEED))
     if corpus.startswith("hf:"):
         parts = corpus[3:].split(":")
         if not parts[0] or len(parts) > 3:
@@ -102,7 +107,7 @@ def self_corpus(model: PreTrainedModel, tok: PreTrainedTokenizerBase, n_seqs: in
 
     from mend.data.text import sample_token_batch
 
-    path = cache_dir() / "corpora" / fingerprint(model) / f"self-v{SAMPLER_VERSION}-seed{seed}-{n_seqs}x{seq_len}.safetensors"
+    path = cache_dir() / "corpora" / fingerprint(model) / f"{_self_name(seed)}-{n_seqs}x{seq_len}.safetensors"
     if path.exists():
         return load_file(path)["input_ids"]
     log.info("sampling %d x %d tokens from the model for the `self` corpus (once; cached at %s)", n_seqs, seq_len, path)

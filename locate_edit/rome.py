@@ -4,7 +4,8 @@ k* is the key at the subject's last token averaged over context templates, v* = 
 request prompt's own key k_p plus δ optimised there, locate_edit.values), and ΔW = (v* − W k) (C⁻¹k*)ᵀ /
 ((C⁻¹k*)ᵀ k), so that (W + ΔW) k = v*. ``key_mode`` picks k: ``prompt`` — k_p, as the reference ROME code does;
 ``average`` — k* itself, r-ROME's consistent use of the averaged key (Gupta et al.'s code: ``cur_input`` and
-``cur_output`` averaged over the templates, the target still the prompt's output plus δ). Several requests are applied one after another (each on top of the last).
+``cur_output`` averaged over the templates, the target still the prompt's output plus δ). Several requests are
+applied one after another (each on top of the last).
 """
 
 from __future__ import annotations
@@ -64,9 +65,7 @@ class ROMEEditor(Editor):
                                        cfg.value)
                 W = adapter.get_weight(ref).detach()
                 k_norm = k_own if cfg.key_mode == "prompt" else k_avg
-                # v* = the bare prompt's output plus δ (δ was optimised there), in both modes as in the reference
-                # code: ROME maps the prompt's own key to it, r-ROME the averaged key (so r-ROME's update also
-                # carries W(k_prompt − k*), the gap between the two keys' outputs)
+                # v* = the bare prompt's output plus δ in both modes (see the module docstring)
                 v = (W.double() @ k_own[0].double()).float() + vals.delta[0]
                 d = rome_update(W.float(), C, k_avg[0], v, k_norm[0])
                 diag["steps"].append(vals.steps[0])

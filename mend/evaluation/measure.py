@@ -19,6 +19,7 @@ from mend.requests import EditRequest
 from mend.scoring import TargetScore, score_targets
 
 STYLES = ("counterfact", "zsre", "mend")
+_TRUE_VS_NEW = ("counterfact", "mend")  # styles that score prompts by comparing the new target with the true one
 
 
 @dataclass
@@ -38,7 +39,7 @@ class _Item:
 
 
 def _items(i: int, r: EditRequest, style: str) -> list[_Item]:
-    cf = style in ("counterfact", "mend")
+    cf = style in _TRUE_VS_NEW
     out = [_Item(i, "edit_new", r.text, r.target_new)]
     if cf:
         out.append(_Item(i, "edit_true", r.text, _true(r)))
@@ -98,17 +99,17 @@ def measure(
 
 def _record(g: dict[str, list[TargetScore]], style: str, ref: Reference | None) -> dict[str, float | None]:
     new, paras, locs = g["edit_new"][0], g.get("para_new", []), g.get("loc", [])
-    neighborhood = None
-    if style in ("counterfact", "mend"):
+    neighborhood = None  # true target beats the new one on the locality prompts
+    if style in _TRUE_VS_NEW:
         efficacy = prefers(new.mean_logprob, g["edit_true"][0].mean_logprob)
         generalization = mean([prefers(a.mean_logprob, b.mean_logprob) for a, b in zip(paras, g.get("para_true", []))])
         neighborhood = mean([prefers(a.mean_logprob, b.mean_logprob) for a, b in zip(locs, g.get("loc_new", []))])
     else:
         efficacy = new.token_accuracy
         generalization = mean([s.token_accuracy for s in paras])
-    if style == "counterfact":
+    if style == "counterfact":  # ROME's CounterFact: locality is that comparison itself
         locality, neighborhood = neighborhood, None
-    else:
+    else:  # agreement with the unedited model's argmax on the locality answers
         locality = mean([agreement(s.argmax, r) for s, r in zip(locs, ref.loc_argmax)]) if ref else (1.0 if locs else None)
     kl = mean([kl_divergence(r.float(), s.first_logdist) for s, r in zip(locs, ref.loc_logdist)]) if ref else (
         0.0 if locs else None)
