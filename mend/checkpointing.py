@@ -5,7 +5,9 @@
   (everything else: loop progress, step counters, hyper-parameters of the optimizer). A value that is neither a
   tensor nor plain JSON data is refused, so nothing executable can ever be stored or loaded.
 - :class:`EditorCheckpoint` (a callback) saves ``<out>/last`` for resuming every ``every_n_steps`` optimizer steps
-  and at the end of training, and writes the editor itself (``editor.safetensors`` + ``config.yaml``) each time.
+  and at the end of training, and writes the editor itself (``editor.safetensors`` + ``config.yaml``) each time;
+  with ``write_best`` it also keeps, after every validation, the editor with the highest ``val/score`` so far
+  (a run directory of its own, ``<out>/best``; the best score travels in the resume state).
 """
 
 from __future__ import annotations
@@ -125,10 +127,32 @@ def state_digest(module: torch.nn.Module) -> str:
 class EditorCheckpoint(pl.Callback):
     """Every ``every_n_steps`` optimizer steps and at the end: ``<out>/last`` (resume) and the editor files."""
 
-    def __init__(self, out: Path, every_n_steps: int, write_editor: Callable[[pl.LightningModule, int], None]):
+    def __init__(self, out: Path, every_n_steps: int, write_editor: Callable[[pl.LightningModule, int], None],
+                 write_best: Callable[[pl.LightningModule, int, dict[str, float]], None] | None = None,
+                 monitor: str = "val/score"):
         self.out, self.every, self.write_editor = Path(out), every_n_steps, write_editor
+        self.write_best, self.monitor = write_best, monitor
+        self.best: float | None = None
         self._saved_step = -1
         self.digests: list[str] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best = state.get("best")
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        value = trainer.callback_metrics.get(self.monitor)
+        if self.write_best is None or value is None or trainer.sanity_checking:
+            return
+        value = float(value)
+        if self.best is None or value > self.best:
+            self.best = value
+            if trainer.is_global_zero:
+                metrics = {k: round(float(v), 6) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+                self.write_best(pl_module, trainer.global_step, metrics)
+            log.info("best %s %.4f at step %d", self.monitor, value, trainer.global_step)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._saved_step = trainer.global_step  # a resumed run has its checkpoint already

@@ -13,6 +13,7 @@ wrapped by DDP; it follows the module's device.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,23 @@ class OptimSection:
     lr: float = 2.0e-3  # Adam, hypernetwork weights
     lr_alpha: float = 3.0e-2  # Adam, log step sizes (a step of 1e-2 moves α by about 1%)
     weight_decay: float = 0.0
+    schedule: str = "constant"  # constant | cosine (both rates, from 1 to min_lr_ratio over trainer.max_steps)
+    warmup_steps: int = 0  # linear warm-up of both rates from 0
+    min_lr_ratio: float = 0.1  # cosine: the rates' final fraction
+
+
+SCHEDULES = ("constant", "cosine")
+
+
+def lr_factor(step: int, max_steps: int, optim: OptimSection) -> float:
+    """The learning-rate multiplier at optimizer step ``step``: a function of the step alone, so a resumed run
+    (or one resumed with another schedule) continues on the curve instead of restarting it."""
+    if optim.warmup_steps > 0 and step < optim.warmup_steps:
+        return (step + 1) / optim.warmup_steps
+    if optim.schedule == "constant" or max_steps <= optim.warmup_steps:
+        return 1.0
+    t = min(1.0, (step - optim.warmup_steps) / (max_steps - optim.warmup_steps))
+    return optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
 @dataclass
@@ -105,6 +123,12 @@ class MendModule(pl.LightningModule):
             {"params": [self.hypernet.log_alpha], "lr": self.optim.lr_alpha, "weight_decay": 0.0},
         ])
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        factor = lr_factor(self.trainer.global_step, self.trainer.max_steps, self.optim)
+        base = (self.optim.lr, self.optim.lr_alpha)
+        for group, lr in zip(self.optimizers(use_pl_optimizer=False).param_groups, base):
+            group["lr"] = lr * factor
+
     # --- the step --------------------------------------------------------------------------------------------
     def _tokenize(self, prompts: list[str], targets: list[str]) -> TargetBatch:
         return make_batch(self.frozen.tok, prompts, targets, self.frozen.model)
@@ -156,6 +180,7 @@ class MendModule(pl.LightningModule):
         for k in ("edit_nll", "edit_acc", "edit_success_pre", "loc_agreement", "drawdown", "delta_norm"):
             self.log(f"train/{k}", out[k], batch_size=bs)
         self.log("train/alpha", self.hypernet.log_alpha.detach().exp().mean(), batch_size=bs)
+        self.log("train/lr", self.optimizers(use_pl_optimizer=False).param_groups[0]["lr"], batch_size=bs)
         return out["loss"]
 
     def validation_step(self, batch: dict[str, list[str]], batch_idx: int) -> None:
@@ -164,11 +189,21 @@ class MendModule(pl.LightningModule):
             self.val_metrics[k].update(out[k].detach())
 
     def on_validation_epoch_end(self) -> None:
+        values: dict[str, torch.Tensor] = {}
         for k in VAL_METRICS:
             m = self.val_metrics[k]
             if m.update_count:
-                self.log(f"val/{k}", m.compute(), prog_bar=k in ("edit_success", "kl"))
+                values[k] = m.compute()
+                self.log(f"val/{k}", values[k], prog_bar=k in ("edit_success", "kl"))
             m.reset()
+        if "edit_success" in values and "loc_agreement" in values:
+            self.log("val/score", val_score(values["edit_success"], values["loc_agreement"]), prog_bar=True)
+
+
+def val_score(edit_success: torch.Tensor, loc_agreement: torch.Tensor) -> torch.Tensor:
+    """Harmonic mean of edit success and locality agreement: what ``<out>/best`` keeps the editor with the best of."""
+    a, b = edit_success.float(), loc_agreement.float()
+    return torch.where(a + b > 0, 2 * a * b / (a + b).clamp_min(1e-12), torch.zeros_like(a))
 
 
 def _slice(hidden: torch.Tensor | None, sub: TargetBatch, lo: int, hi: int) -> torch.Tensor | None:

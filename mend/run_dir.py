@@ -17,6 +17,7 @@ from mend.hypernet import HypernetConfig, MendHypernet, WeightSpec
 from mend.io import atomic_write, write_text
 
 EDITOR_FILE, CONFIG_FILE, METRICS_FILE, LAST_DIR = "editor.safetensors", "config.yaml", "metrics.json", "last"
+BEST_DIR = "best"  # a run directory of its own: the editor of the best validation
 FORMAT = "mend-editor/1"
 
 

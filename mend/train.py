@@ -6,6 +6,7 @@ import logging
 import shutil
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from mend.config import build_config
 from mend.errors import ConfigError
 from mend.io import write_json
 from mend.paths import config_dir, under_data_root
-from mend.run_dir import CONFIG_FILE, EDITOR_FILE, LAST_DIR, METRICS_FILE, EditedWeight, EditorInfo
+from mend.run_dir import BEST_DIR, CONFIG_FILE, EDITOR_FILE, LAST_DIR, METRICS_FILE, EditedWeight, EditorInfo
 from mend.train_config import TrainCommand, validate
 
 log = logging.getLogger(__name__)
@@ -27,8 +28,8 @@ usage: python -m mend.train [config.yaml] [key=value ...]
 
 Train a MEND editor (Mitchell et al. 2022) on a frozen model with PyTorch Lightning. configs/train/default.yaml is
 always the base; a config file given first changes it, then key=value overrides. Writes <out>/editor.safetensors,
-<out>/config.yaml, <out>/metrics.json, TensorBoard logs in <out>/logs, the resume state in <out>/last and the
-final evaluation in <out>/eval.
+<out>/config.yaml, <out>/metrics.json, TensorBoard logs in <out>/logs, the resume state in <out>/last, the
+editor of the best validation in <out>/best and the final evaluation in <out>/eval.
 
   model=NAME                  model alias, path or HF id [smollm2-135m]
   data=NAME                   builtin (train/validation splits), counterfact (flat format), zsre (MEND format)
@@ -37,10 +38,14 @@ final evaluation in <out>/eval.
   edit.layers=[-3,-2,-1] edit.kinds=[mlp_out] edit.stacks=[encoder,decoder]   the edited weights
   hypernet.rank=N hypernet.n_blocks=N hypernet.combine=BOOL hypernet.shared=BOOL hypernet.alpha_init=X
   optim.lr=X optim.lr_alpha=X loss.c_edit=X loss.c_loc=X norm_warmup=N
+  optim.schedule=constant|cosine optim.warmup_steps=N optim.min_lr_ratio=X   learning rates over the steps
   trainer.max_steps=N trainer.batch_size=N trainer.accumulate_grad_batches=N trainer.gradient_clip_val=X
   trainer.val_check_interval=N trainer.save_every_n_steps=N trainer.fast_dev_run=true
+  trainer.keep_best=BOOL      keep <out>/best, the editor of the validation with the best val/score (harmonic
+                              mean of edit_success and locality agreement) [true]
   trainer.accelerator=cpu|gpu|auto trainer.devices=N trainer.strategy=auto|ddp trainer.precision=32-true
   eval.enabled=BOOL eval.limit=N    the evaluation at the end (built-in test split by default)
+  eval.editor=last|best       evaluate the final editor or <out>/best [last]
   name=NAME out=DIR           run name [mend-<model>-<data>] and directory [checkpoints/<name>]
   resume=auto|true|false      auto: continue from <out>/last when it exists [auto]
   seed=N
@@ -169,8 +174,13 @@ def _trainer(cfg: Any, out: Path, module: Any, info: EditorInfo, train_doc: dict
         info.step = step
         save_editor(out, pl_module.hypernet, info, train_doc)
 
+    def write_best(pl_module: Any, step: int, metrics: dict[str, float]) -> None:
+        best = out / BEST_DIR
+        save_editor(best, pl_module.hypernet, replace(info, step=step), train_doc)
+        write_json(best / METRICS_FILE, {"step": step, "validation": metrics})
+
     t = cfg.trainer
-    callback = EditorCheckpoint(out, t.save_every_n_steps, write_editor)
+    callback = EditorCheckpoint(out, t.save_every_n_steps, write_editor, write_best if t.keep_best else None)
     batches = t.max_steps * t.accumulate_grad_batches
     trainer = pl.Trainer(
         max_steps=t.max_steps, accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
@@ -199,7 +209,8 @@ def final_evaluation(cfg: Any, out: Path, model: Any, tok: Any, module: Any) -> 
     extra = ([f"data.path={under_data_root(e.path)}"] if e.path else []) + ([f"data.limit={e.limit}"] if e.limit else [])
     args += extra
     ecfg = build_config(EvaluateCommand, args, text_keys=("out", "data.path"))
-    trained = MendEditor(MendConfig(checkpoint=str(out)))
+    run_dir = out / BEST_DIR if e.editor == "best" and (out / BEST_DIR).exists() else out
+    trained = MendEditor(MendConfig(checkpoint=str(run_dir)))
     torch.manual_seed(0)
     identity = MendHypernet(trained.info.specs(), trained.info.hypernet)
     for name, buf in module.hypernet.named_buffers():  # the statistics: identity needs them only to be ready
@@ -208,10 +219,12 @@ def final_evaluation(cfg: Any, out: Path, model: Any, tok: Any, module: Any) -> 
     results = evaluate_editors(ecfg, model, tok, [("mend (untrained)", untrained), ("mend", trained)])
     paths = write_reports(results, ecfg.out)
     print(markdown_table(results))
-    command = (f"python -m mend.evaluate editors=[mend] editor.checkpoint={out} model={cfg.model.name} data={e.data}"
+    command = (f"python -m mend.evaluate editors=[mend] editor.checkpoint={run_dir} model={cfg.model.name} "
+               f"data={e.data}"
                + (f" data.split={e.split}" if e.split != "test" else "") + "".join(f" {a}" for a in extra)
                + (f" drawdown.source={e.drawdown}" if e.drawdown != "auto" else "") + f" out={out / 'eval-check'}")
-    return {"data": e.data, "split": e.split, "n": results["dataset"]["n"], "unedited": results["pre"],
+    return {"data": e.data, "split": e.split, "n": results["dataset"]["n"], "editor": str(run_dir),
+            "editor_step": trained.info.step, "unedited": results["pre"],
             "untrained": results["editors"]["mend (untrained)"]["metrics"],
             "trained": results["editors"]["mend"]["metrics"], "results": str(paths["json"]), "command": command}
 

@@ -10,7 +10,7 @@ from mend.config import ModelSection
 from mend.data.lit_data import TRAIN_FILES, TrainDataSection
 from mend.errors import ConfigError
 from mend.hypernet import ACTIVATIONS, HypernetConfig
-from mend.lit_module import LossSection, OptimSection
+from mend.lit_module import SCHEDULES, LossSection, OptimSection
 
 
 @dataclass
@@ -33,6 +33,7 @@ class TrainerSection:
     val_check_interval: int = 300  # training batches between validations
     limit_val_batches: int | None = None
     save_every_n_steps: int = 300  # <out>/last (resume) and the editor files
+    keep_best: bool = True  # <out>/best: the editor of the validation with the best val/score
     log_every_n_steps: int = 10
     accelerator: str = "cpu"
     devices: Any = 1
@@ -54,6 +55,7 @@ class EvalSection:
     split: str = "test"
     limit: int | None = None
     drawdown: str = "auto"  # as python -m mend.evaluate drawdown.source
+    editor: str = "last"  # last: the editor at the end of training; best: <out>/best (needs trainer.keep_best)
 
 
 @dataclass
@@ -99,3 +101,11 @@ def validate(cfg: Any) -> None:
         raise ConfigError("edit.layers and edit.kinds must not be empty")
     if cfg.loss.c_edit < 0 or cfg.loss.c_loc < 0:
         raise ConfigError("loss.c_edit and loss.c_loc must be >= 0")
+    if cfg.eval.editor not in ("last", "best"):
+        raise ConfigError(f"eval.editor must be last or best, got '{cfg.eval.editor}'")
+    if cfg.eval.editor == "best" and not cfg.trainer.keep_best:
+        raise ConfigError("eval.editor=best needs trainer.keep_best=true")
+    if cfg.optim.schedule not in SCHEDULES:
+        raise ConfigError(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got '{cfg.optim.schedule}'")
+    if cfg.optim.warmup_steps < 0 or not 0 <= cfg.optim.min_lr_ratio <= 1:
+        raise ConfigError("optim.warmup_steps must be >= 0 and optim.min_lr_ratio in [0, 1]")

@@ -166,8 +166,49 @@ def test_bad_training_config_is_one_line(capsys):
     from mend.train import USAGE, main
 
     for bad, needle in (("trainer.max_steps=0", "must be positive"), ("resume=maybe", "resume must be"),
-                        ("data=nope", "data.name must be"), ("hypernet.act=swish", "hypernet.act")):
+                        ("data=nope", "data.name must be"), ("hypernet.act=swish", "hypernet.act"),
+                        ("optim.schedule=linear", "optim.schedule must be"),
+                        ("eval.editor=best trainer.keep_best=false", "needs trainer.keep_best")):
         with pytest.raises(SystemExit) as exc:
-            run(main, USAGE, ["model=tiny-gpt2", "trainer.progress=false", bad])
+            run(main, USAGE, ["model=tiny-gpt2", "trainer.progress=false", *bad.split()])
         err = capsys.readouterr().err
         assert exc.value.code == 2 and needle in err and err.count("\n") == 1, (bad, err)
+
+
+def test_learning_rate_schedule_is_a_function_of_the_step():
+    from mend.lit_module import OptimSection, lr_factor
+
+    const, cos = OptimSection(), OptimSection(schedule="cosine", min_lr_ratio=0.2)
+    assert [lr_factor(s, 100, const) for s in (0, 50, 100)] == [1.0, 1.0, 1.0]
+    assert lr_factor(0, 100, cos) == pytest.approx(1.0) and lr_factor(100, 100, cos) == pytest.approx(0.2)
+    assert lr_factor(50, 100, cos) == pytest.approx(0.6) and lr_factor(150, 100, cos) == pytest.approx(0.2)
+    warm = OptimSection(schedule="cosine", warmup_steps=10, min_lr_ratio=0.0)
+    assert lr_factor(0, 110, warm) == pytest.approx(0.1) and lr_factor(9, 110, warm) == pytest.approx(1.0)
+    assert lr_factor(60, 110, warm) == pytest.approx(0.5)
+
+
+def test_cosine_schedule_and_the_best_editor_kept(tmp_path, tiny):
+    """The rates follow the schedule; <out>/best is a run directory of its own holding the best validation's
+    editor, and the best score is part of the resume state."""
+    from mend.lit_module import OptimSection, lr_factor
+
+    out = tmp_path / "run"
+    metrics = train(out, "model=tiny-llama", "trainer.max_steps=4", "trainer.val_check_interval=2",
+                    "optim.schedule=cosine", "optim.min_lr_ratio=0.5", "optim.lr=1e-3", "eval.enabled=true",
+                    "eval.limit=2", "eval.drawdown=none", "eval.editor=best")
+    want = 1e-3 * lr_factor(3, 4, OptimSection(schedule="cosine", min_lr_ratio=0.5))  # the 4th step's rate
+    assert metrics["last_logged"]["train/lr"] == pytest.approx(want)
+    best = json.loads((out / "best" / "metrics.json").read_text())
+    assert best["step"] in (2, 4) and 0 <= best["validation"]["val/score"] <= 1
+    assert metrics["evaluation"]["editor"] == str(out / "best") and metrics["evaluation"]["editor_step"] == best["step"]
+    assert f"editor.checkpoint={out / 'best'} " in metrics["evaluation"]["command"]
+    es, loc = best["validation"]["val/edit_success"], best["validation"]["val/loc_agreement"]
+    assert best["validation"]["val/score"] == pytest.approx(2 * es * loc / (es + loc) if es + loc else 0.0, abs=1e-5)
+    state = json.loads((out / "last" / "state.json").read_text())
+    saved_best = [v["best"] for v in state["callbacks"].values() if isinstance(v, dict) and "best" in v]
+    assert saved_best and saved_best[0] == pytest.approx(best["validation"]["val/score"], abs=1e-5)
+    model, tok = tiny("tiny-llama")
+    assert create_editor("mend", {"checkpoint": str(out / "best")}).edit(model, tok, REQS[:1]).deltas
+    assert train(tmp_path / "nobest", "model=tiny-llama", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                 "trainer.keep_best=false")["steps"] == 2
+    assert not (tmp_path / "nobest" / "best").exists()
