@@ -212,3 +212,34 @@ def test_cosine_schedule_and_the_best_editor_kept(tmp_path, tiny):
     assert train(tmp_path / "nobest", "model=tiny-llama", "trainer.max_steps=2", "trainer.val_check_interval=2",
                  "trainer.keep_best=false")["steps"] == 2
     assert not (tmp_path / "nobest" / "best").exists()
+
+
+def test_text_locality_rows_come_from_the_text_file(tmp_path):
+    """data.text_locality adds (prefix, continuation) rows of ordinary text to every sample's locality rows, read
+    from the given file (never WikiText's test file, the evaluator's drawdown text); a missing file is one error."""
+    from mend.data.lit_data import SampleSource, TrainDataSection, load_text_pairs, text_pairs
+
+    words = [f"w{i}" for i in range(50)]
+    assert text_pairs([" ".join(words), "too short"]) == [(" ".join(words[:32]), " " + " ".join(words[32:44]))]
+    text = tmp_path / "text.txt"
+    text.write_text("= Heading =\n" + "\n".join(" ".join(f"p{j}w{i}" for i in range(60)) for j in range(3)))
+    pairs = load_text_pairs(TrainDataSection(name="counterfact", text_locality=2, text_path=str(text)))
+    assert len(pairs) == 3 and pairs[1][0].startswith("p1w0 ") and pairs[1][1] == " " + " ".join(
+        f"p1w{i}" for i in range(32, 44))
+    src = SampleSource(REQS, n_loc=1, texts=pairs, n_text=2)
+    sample = src[0]
+    assert len(sample.loc_prompts) == 3 and sample.loc_prompts[0] not in {p for p, _ in pairs}
+    assert set(zip(sample.loc_prompts[1:], sample.loc_targets[1:])) <= set(pairs)
+    assert src[5] == SampleSource(REQS, n_loc=1, texts=pairs, n_text=2)[5]  # a pure function of the position
+    assert load_text_pairs(TrainDataSection(text_locality=0, text_path=str(tmp_path / "nope"))) == []
+    with pytest.raises(MendError, match="data.text_path"):
+        load_text_pairs(TrainDataSection(text_locality=1, text_path=str(tmp_path / "nope")))
+
+
+def test_training_with_text_locality_runs(tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(" ".join(f"p{j}w{i}" for i in range(50)) for j in range(4)))
+    out = tmp_path / "run"
+    metrics = train(out, "model=tiny-gpt2", "trainer.fast_dev_run=true", "data.text_locality=1",
+                    f"data.text_path={text}")
+    assert metrics["steps"] == 1 and torch.isfinite(torch.tensor(metrics["last_logged"]["train/kl"]))

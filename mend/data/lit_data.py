@@ -3,7 +3,10 @@
 Every training sample is an edit example (prompt with the subject filled in, new target), ``paraphrases``
 paraphrases of its prompt (the prompt itself when a record has none) and ``locality`` locality examples
 (neighbourhood prompts with their expected answers; when a record has none, other records' prompts with their
-true targets), drawn without repetition while a record has enough.
+true targets), drawn without repetition while a record has enough. With ``text_locality > 0`` each sample also has
+that many rows of ordinary text (a prefix and its continuation, from WikiText's validation file by default) in
+the locality term, so that the KL also sees text unlike the edit prompts (the paper's locality inputs are
+unrelated natural text); WikiText's test file, which the evaluator's drawdown reads, is not used.
 
 The training stream is a pure function of the seed and the draw's position: draw ``i`` takes record
 ``perm_e[i mod n]`` of epoch ``e = i // n`` (a fresh permutation per epoch) and picks its paraphrases and
@@ -18,6 +21,7 @@ import logging
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
@@ -46,6 +50,39 @@ class TrainDataSection:
     variants: int = 4  # builtin: new targets drawn per fact (each a separate training record)
     paraphrases: int = 2  # paraphrases per edit in the edit loss (beside the edit prompt itself)
     locality: int = 4  # locality examples per edit in the KL loss
+    text_locality: int = 0  # rows of ordinary text per edit in the KL loss (prefix -> its continuation)
+    text_path: str | None = None  # their text file or folder (default: wikitext/wiki.valid.raw in the data root)
+
+
+TEXT_FILE = "wikitext/wiki.valid.raw"  # not wiki.test.raw: the evaluator's drawdown text
+
+
+def text_pairs(paragraphs: Sequence[str], prefix_words: int = 32, continuation_words: int = 12,
+               limit: int = 5000) -> list[tuple[str, str]]:
+    """(prefix, continuation) pairs from paragraphs long enough for both; the continuation starts with a space."""
+    out = []
+    for para in paragraphs:
+        words = para.split()
+        if len(words) >= prefix_words + continuation_words:
+            out.append((" ".join(words[:prefix_words]), " " + " ".join(words[prefix_words:prefix_words + continuation_words])))
+            if len(out) >= limit:
+                break
+    return out
+
+
+def load_text_pairs(cfg: TrainDataSection) -> list[tuple[str, str]]:
+    from mend.data.text import read_text
+
+    if cfg.text_locality <= 0:
+        return []
+    path = under_data_root(cfg.text_path) if cfg.text_path else data_dir() / TEXT_FILE
+    if not Path(path).exists():
+        raise MendError(f"data.text_locality={cfg.text_locality} needs text, and '{path}' does not exist: give "
+                        "data.text_path=FILE_OR_FOLDER or data.text_locality=0")
+    pairs = text_pairs(read_text(path))
+    if not pairs:
+        raise MendError(f"'{path}' has no paragraph of 44 words or more for data.text_locality")
+    return pairs
 
 
 @dataclass(frozen=True)
@@ -63,10 +100,11 @@ class SampleSource(Dataset):
     """Records (EditRequests) turned into samples; ``__getitem__`` takes a draw position (see module docs)."""
 
     def __init__(self, requests: Sequence[EditRequest], seed: int = 0, shuffle: bool = True, n_para: int = 1,
-                 n_loc: int = 1):
+                 n_loc: int = 1, texts: Sequence[tuple[str, str]] = (), n_text: int = 0):
         if not requests:
             raise MendError("no edit records to train on")
         self.requests = list(requests)
+        self.texts, self.n_text = list(texts), n_text if texts else 0
         self.seed, self.shuffle, self.n_para, self.n_loc = seed, shuffle, n_para, n_loc
         self._perms: dict[int, list[int]] = {}
 
@@ -92,7 +130,7 @@ class SampleSource(Dataset):
             n = len(self.requests)
             others = [self.requests[(k + 1 + rng.randrange(max(1, n - 1))) % n] for _ in range(self.n_loc)]
             pool = [(o.text, o.target_true or o.target_new) for o in others]
-        locs = _pick(rng, pool, self.n_loc)
+        locs = _pick(rng, pool, self.n_loc) + _pick(rng, self.texts, self.n_text)
         return Sample(r.text, r.target_new, tuple(paras), tuple(p for p, _ in locs), tuple(t for _, t in locs))
 
 
@@ -155,9 +193,10 @@ class EditDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
             train, val = load_training_requests(self.cfg, self.seed)
-            n_para, n_loc = self.cfg.paraphrases, self.cfg.locality
-            self.train_set = SampleSource(train, self.seed, True, n_para, n_loc)
-            self.val_set = SampleSource(val, self.seed + 1, False, n_para, n_loc)
+            n_para, n_loc, n_text = self.cfg.paraphrases, self.cfg.locality, self.cfg.text_locality
+            texts = load_text_pairs(self.cfg)
+            self.train_set = SampleSource(train, self.seed, True, n_para, n_loc, texts, n_text)
+            self.val_set = SampleSource(val, self.seed + 1, False, n_para, n_loc, texts, n_text)
             log.info("training on %d records, validating on %d", len(train), len(val))
 
     def _rank_world(self) -> tuple[int, int]:
