@@ -203,7 +203,7 @@ class MendModule(pl.LightningModule):
 def val_score(edit_success: torch.Tensor, loc_agreement: torch.Tensor) -> torch.Tensor:
     """Harmonic mean of edit success and locality agreement: what ``<out>/best`` keeps the editor with the best of."""
     a, b = edit_success.float(), loc_agreement.float()
-    return torch.where(a + b > 0, 2 * a * b / (a + b).clamp_min(1e-12), torch.zeros_like(a))
+    return 2 * a * b / (a + b).clamp_min(1e-12)  # 0 when both are 0
 
 
 def _slice(hidden: torch.Tensor | None, sub: TargetBatch, lo: int, hi: int) -> torch.Tensor | None:

@@ -54,11 +54,11 @@ class TrainDataSection:
     text_path: str | None = None  # their text file or folder (default: wikitext/wiki.valid.raw in the data root)
 
 
-TEXT_FILE = "wikitext/wiki.valid.raw"  # not wiki.test.raw: the evaluator's drawdown text
+PREFIX_WORDS, CONTINUATION_WORDS = 32, 12  # a text row: 32 words of context, the KL on the next 12
 
 
-def text_pairs(paragraphs: Sequence[str], prefix_words: int = 32, continuation_words: int = 12,
-               limit: int = 5000) -> list[tuple[str, str]]:
+def text_pairs(paragraphs: Sequence[str], prefix_words: int = PREFIX_WORDS,
+               continuation_words: int = CONTINUATION_WORDS, limit: int = 5000) -> list[tuple[str, str]]:
     """(prefix, continuation) pairs from paragraphs long enough for both; the continuation starts with a space."""
     out = []
     for para in paragraphs:
@@ -71,17 +71,18 @@ def text_pairs(paragraphs: Sequence[str], prefix_words: int = 32, continuation_w
 
 
 def load_text_pairs(cfg: TrainDataSection) -> list[tuple[str, str]]:
-    from mend.data.text import read_text
+    from mend.data.text import WIKITEXT_VALID, read_text  # not the test file: the evaluator's drawdown text
 
     if cfg.text_locality <= 0:
         return []
-    path = under_data_root(cfg.text_path) if cfg.text_path else data_dir() / TEXT_FILE
+    path = under_data_root(cfg.text_path) if cfg.text_path else data_dir() / WIKITEXT_VALID
     if not Path(path).exists():
         raise MendError(f"data.text_locality={cfg.text_locality} needs text, and '{path}' does not exist: give "
                         "data.text_path=FILE_OR_FOLDER or data.text_locality=0")
     pairs = text_pairs(read_text(path))
     if not pairs:
-        raise MendError(f"'{path}' has no paragraph of 44 words or more for data.text_locality")
+        raise MendError(f"'{path}' has no paragraph of {PREFIX_WORDS + CONTINUATION_WORDS} words or more for "
+                        "data.text_locality")
     return pairs
 
 

@@ -11,7 +11,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from mend.errors import MendError
 from mend.paths import data_dir
 
-WIKITEXT = ("wikitext/wiki.test.raw", "wikitext/wiki.valid.raw")
+WIKITEXT_TEST, WIKITEXT_VALID = "wikitext/wiki.test.raw", "wikitext/wiki.valid.raw"
+WIKITEXT = (WIKITEXT_TEST, WIKITEXT_VALID)  # drawdown: the test file first
 
 
 def read_text(path: str | Path) -> list[str]:
