@@ -29,7 +29,8 @@ from mend.scoring import TargetBatch, forward_target_logits, make_batch, select_
 from mend.upper_blocks import UpperBlocks
 
 log = logging.getLogger(__name__)
-VAL_METRICS = ("loss", "edit_nll", "kl", "edit_acc", "edit_success", "edit_success_pre", "loc_agreement", "drawdown")
+VAL_METRICS = ("loss", "edit_nll", "kl", "edit_acc", "edit_success", "edit_success_pre", "loc_agreement", "drawdown",
+               "text_agreement")
 
 
 @dataclass
@@ -60,6 +61,10 @@ def lr_factor(step: int, max_steps: int, optim: OptimSection) -> float:
 class LossSection:
     c_edit: float = 0.1  # paper: 0.1
     c_loc: float = 1.0
+    # The ordinary-text rows (data.text_locality): None pools their tokens with the neighbours' into one mean, so
+    # that a 12-word continuation outweighs a 1-3 token neighbour answer; a number X makes the locality term
+    # KL(neighbour tokens) + X · KL(text tokens), each a mean over its own tokens.
+    c_text: float | None = None
 
 
 class _Frozen:
@@ -136,9 +141,9 @@ class MendModule(pl.LightningModule):
     def deltas(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[WeightRef, torch.Tensor]:
         return {ref: self.hypernet.delta(ref.label, *factors[ref.label]) for ref in self.frozen.refs}
 
-    def step(self, batch: dict[str, list[str]], update_stats: bool) -> dict[str, torch.Tensor]:
+    def step(self, batch: dict[str, list], update_stats: bool) -> dict[str, torch.Tensor]:
         """Loss and diagnostics for a batch of B edits. Rows: B edit prompts, their paraphrases (the edit loss
-        rows, ``n_edit`` in all), then the locality examples."""
+        rows, ``n_edit`` in all), then the locality examples (``batch["loc_text"]`` marks the ordinary-text ones)."""
         n = len(batch["prompt"])
         n_edit = n + len(batch["paraphrase"])
         f = self.frozen
@@ -160,14 +165,20 @@ class MendModule(pl.LightningModule):
         with f.upper.start_from(hidden):
             post = edited_target_logits(f.model, f.adapter, tb, deltas)  # (N, V) edited
         rows, _ = target_tokens(tb)
+        text = _text_tokens(batch, rows, n_edit)
         loc = rows >= n_edit  # (N,) locality tokens
         edit_nll = row_nll(post, tb)[:n_edit].mean()
         lp_pre = torch.log_softmax(pre[loc].float(), -1)
         lp_post = torch.log_softmax(post[loc].float(), -1)
-        kl = (lp_pre.exp() * (lp_pre - lp_post)).sum(-1).mean()  # KL(pre ‖ post), mean over locality tokens
+        kl_tok = (lp_pre.exp() * (lp_pre - lp_post)).sum(-1)  # KL(pre ‖ post) per locality token
+        c_text, text_loc = self.loss_cfg.c_text, text[loc]
+        if c_text is None or not text_loc.any():
+            kl = kl_tok.mean()
+        else:
+            kl = kl_tok[~text_loc].mean() + c_text * kl_tok[text_loc].mean()
         loss = self.loss_cfg.c_edit * edit_nll + self.loss_cfg.c_loc * kl
         out = {"loss": loss, "edit_nll": edit_nll.detach(), "kl": kl.detach()}
-        out.update(_accuracies(pre.detach(), post.detach(), tb, n_edit))
+        out.update(_accuracies(pre.detach(), post.detach(), tb, n_edit, text))
         out["delta_norm"] = torch.stack([d.detach().norm() for d in deltas.values()]).mean()
         return out
 
@@ -177,8 +188,10 @@ class MendModule(pl.LightningModule):
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=bs)
         self.log("train/edit_success", out["edit_success"], prog_bar=True, batch_size=bs)
         self.log("train/kl", out["kl"], prog_bar=True, batch_size=bs)
-        for k in ("edit_nll", "edit_acc", "edit_success_pre", "loc_agreement", "drawdown", "delta_norm"):
-            self.log(f"train/{k}", out[k], batch_size=bs)
+        for k in ("edit_nll", "edit_acc", "edit_success_pre", "loc_agreement", "drawdown", "delta_norm",
+                  "text_agreement"):
+            if k in out:
+                self.log(f"train/{k}", out[k], batch_size=bs)
         self.log("train/alpha", self.hypernet.log_alpha.detach().exp().mean(), batch_size=bs)
         self.log("train/lr", self.optimizers(use_pl_optimizer=False).param_groups[0]["lr"], batch_size=bs)
         return out["loss"]
@@ -186,7 +199,8 @@ class MendModule(pl.LightningModule):
     def validation_step(self, batch: dict[str, list[str]], batch_idx: int) -> None:
         out = self.step(batch, update_stats=False)
         for k in VAL_METRICS:
-            self.val_metrics[k].update(out[k].detach())
+            if k in out:  # text_agreement: only with text rows
+                self.val_metrics[k].update(out[k].detach())
 
     def on_validation_epoch_end(self) -> None:
         values: dict[str, torch.Tensor] = {}
@@ -211,22 +225,37 @@ def _slice(hidden: torch.Tensor | None, sub: TargetBatch, lo: int, hi: int) -> t
     return None if hidden is None else hidden[lo:hi, : sub.inputs["input_ids"].shape[1]]
 
 
+def _text_tokens(batch: dict[str, list], rows: torch.Tensor, n_edit: int) -> torch.Tensor:
+    """(N,) bool: the target tokens of the ordinary-text locality rows (``batch["loc_text"]``; none without it)."""
+    flags = batch.get("loc_text") or []
+    if not any(flags):
+        return torch.zeros_like(rows, dtype=torch.bool)
+    is_text = torch.tensor([False] * n_edit + [bool(f) for f in flags], device=rows.device)
+    return is_text[rows]
+
+
 @torch.no_grad()
-def _accuracies(pre: torch.Tensor, post: torch.Tensor, tb: TargetBatch, n_edit: int) -> dict[str, torch.Tensor]:
-    """Edit accuracy / success (the first ``n_edit`` rows), locality agreement and drawdown (the other rows),
-    from packed (N, V) target logits before and after the edit."""
+def _accuracies(pre: torch.Tensor, post: torch.Tensor, tb: TargetBatch, n_edit: int,
+                text: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Edit accuracy / success (the first ``n_edit`` rows), locality agreement on the neighbour rows, agreement on
+    the ordinary-text rows (``text``, when there are any) and drawdown (all locality rows), from packed (N, V)
+    target logits before and after the edit."""
     rows, ids = target_tokens(tb)
     hit_post, hit_pre = post.argmax(-1) == ids, pre.argmax(-1) == ids  # (N,)
     edit, loc = rows < n_edit, rows >= n_edit
+    agree = post.argmax(-1) == pre.argmax(-1)
 
     def success(hit: torch.Tensor) -> torch.Tensor:  # rows whose every target token is the argmax
         misses = torch.zeros(tb.target_mask.shape[0], device=hit.device).index_add(0, rows, (~hit).float())
         return (misses[:n_edit] == 0).float().mean()
 
-    return {
+    out = {
         "edit_acc": hit_post[edit].float().mean(),
         "edit_success": success(hit_post),
         "edit_success_pre": success(hit_pre),
-        "loc_agreement": (post[loc].argmax(-1) == pre[loc].argmax(-1)).float().mean(),
+        "loc_agreement": agree[loc & ~text].float().mean(),
         "drawdown": hit_pre[loc].float().mean() - hit_post[loc].float().mean(),
     }
+    if text.any():
+        out["text_agreement"] = agree[text].float().mean()
+    return out

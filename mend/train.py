@@ -40,11 +40,12 @@ editor of the best validation in <out>/best and the final evaluation in <out>/ev
   edit.layers=[-3,-2,-1] edit.kinds=[mlp_out] edit.stacks=[encoder,decoder]   the edited weights
   hypernet.rank=N hypernet.n_blocks=N hypernet.combine=BOOL hypernet.shared=BOOL hypernet.alpha_init=X
   optim.lr=X optim.lr_alpha=X loss.c_edit=X loss.c_loc=X norm_warmup=N
+  loss.c_text=X               KL(neighbours) + X * KL(text rows) instead of one token mean over both [null]
   optim.schedule=constant|cosine optim.warmup_steps=N optim.min_lr_ratio=X   learning rates over the steps
   trainer.max_steps=N trainer.batch_size=N trainer.accumulate_grad_batches=N trainer.gradient_clip_val=X
   trainer.val_check_interval=N trainer.save_every_n_steps=N trainer.fast_dev_run=true
   trainer.keep_best=BOOL      keep <out>/best, the editor of the validation with the best val/score (harmonic
-                              mean of edit_success and locality agreement) [true]
+                              mean of edit_success and the neighbour rows' locality agreement) [true]
   trainer.accelerator=cpu|gpu|auto trainer.devices=N trainer.strategy=auto|ddp trainer.precision=32-true
   eval.enabled=BOOL eval.limit=N    the evaluation at the end (built-in test split by default)
   eval.editor=last|best       evaluate the final editor or <out>/best [last]

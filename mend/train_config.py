@@ -99,8 +99,8 @@ def validate(cfg: Any) -> None:
         raise ConfigError("data.locality must be >= 1, data.paraphrases and data.text_locality >= 0")
     if not cfg.edit.layers or not cfg.edit.kinds:
         raise ConfigError("edit.layers and edit.kinds must not be empty")
-    if cfg.loss.c_edit < 0 or cfg.loss.c_loc < 0:
-        raise ConfigError("loss.c_edit and loss.c_loc must be >= 0")
+    if cfg.loss.c_edit < 0 or cfg.loss.c_loc < 0 or (cfg.loss.c_text is not None and cfg.loss.c_text < 0):
+        raise ConfigError("loss.c_edit, loss.c_loc and loss.c_text must be >= 0")
     if cfg.eval.editor not in ("last", "best"):
         raise ConfigError(f"eval.editor must be last or best, got '{cfg.eval.editor}'")
     if cfg.eval.editor == "best" and not cfg.trainer.keep_best:

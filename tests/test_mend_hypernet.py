@@ -209,3 +209,47 @@ def test_training_step_with_partial_passes_equals_the_full_computation(tiny):
     for k in outs[0]:
         torch.testing.assert_close(outs[0][k], outs[1][k], rtol=1e-4, atol=1e-6)
     assert outs[0]["kl"] > 1e-4  # the edit does reach the locality rows
+
+
+def test_text_rows_are_weighted_by_c_text_and_scored_apart(tiny):
+    """loss.c_text=X: the locality term is KL(neighbour tokens) + X · KL(text tokens), each its own token mean;
+    c_text=None pools both (one token mean). loc_agreement counts the neighbour rows only, text_agreement the text
+    rows. The edit (made from the edit rows alone) is the same whatever the locality rows are."""
+    from mend.data.lit_data import Sample, collate
+    from mend.lit_module import LossSection, MendModule, OptimSection
+
+    model, tok = tiny("tiny-llama")
+    refs = get_adapter(model).weight_refs(["mlp_out"], [-2, -1])
+    edit = ("The tower is in", " Rome", ("Where is the tower? In",))
+    nb, text = ("Big Ben is in", " London"), ("It was a long day and the", " rain kept falling on the roofs")
+
+    def batch(locs, n_text=0):
+        return collate([Sample(*edit, tuple(p for p, _ in locs), tuple(t for _, t in locs), n_text)])
+
+    torch.manual_seed(0)
+    m = MendModule(model, tok, refs, HypernetConfig(rank=8, alpha_init=20.0), OptimSection(), LossSection())
+    tb = m._tokenize([edit[0]], [edit[1]])
+    with m.frozen.upper.only(tb):
+        factors, _ = edit_factors(model, m.frozen.adapter, refs, tb, 1)
+    _warm(m.hypernet, factors)
+    with torch.no_grad():
+        for name, prm in m.hypernet.named_parameters():
+            if name.endswith("up.weight"):
+                prm.normal_(0, 0.1)
+
+    def step(b, c_text=None):
+        m.loss_cfg = LossSection(c_text=c_text)
+        return m.step(b, update_stats=False)
+
+    mixed = batch([nb, text], n_text=1)
+    assert mixed["loc_text"] == [False, True]
+    only_nb, only_text = step(batch([nb])), step(batch([text]))
+    assert only_nb["kl"] > 1e-4 and only_text["kl"] > 1e-4 and "text_agreement" not in only_nb
+    for c in (0.0, 0.5, 2.0):
+        torch.testing.assert_close(step(mixed, c)["kl"], only_nb["kl"] + c * only_text["kl"], rtol=1e-4, atol=1e-7)
+    pooled = step(batch([nb, text]))  # unmarked: every locality token in one mean
+    torch.testing.assert_close(step(mixed)["kl"], pooled["kl"], rtol=1e-4, atol=1e-7)
+    out = step(mixed, 1.0)
+    torch.testing.assert_close(out["loc_agreement"], only_nb["loc_agreement"])
+    torch.testing.assert_close(out["text_agreement"], only_text["loc_agreement"])
+    torch.testing.assert_close(out["edit_nll"], only_nb["edit_nll"], rtol=1e-4, atol=1e-6)

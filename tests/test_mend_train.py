@@ -217,7 +217,7 @@ def test_cosine_schedule_and_the_best_editor_kept(tmp_path, tiny):
 def test_text_locality_rows_come_from_the_text_file(tmp_path):
     """data.text_locality adds (prefix, continuation) rows of ordinary text to every sample's locality rows, read
     from the given file (never WikiText's test file, the evaluator's drawdown text); a missing file is one error."""
-    from mend.data.lit_data import SampleSource, TrainDataSection, load_text_pairs, text_pairs
+    from mend.data.lit_data import SampleSource, TrainDataSection, collate, load_text_pairs, text_pairs
 
     words = [f"w{i}" for i in range(50)]
     assert text_pairs([" ".join(words), "too short"]) == [(" ".join(words[:32]), " " + " ".join(words[32:44]))]
@@ -230,6 +230,7 @@ def test_text_locality_rows_come_from_the_text_file(tmp_path):
     sample = src[0]
     assert len(sample.loc_prompts) == 3 and sample.loc_prompts[0] not in {p for p, _ in pairs}
     assert set(zip(sample.loc_prompts[1:], sample.loc_targets[1:])) <= set(pairs)
+    assert sample.n_text == 2 and collate([sample, sample])["loc_text"] == [False, True, True] * 2
     assert src[5] == SampleSource(REQS, n_loc=1, texts=pairs, n_text=2)[5]  # a pure function of the position
     assert load_text_pairs(TrainDataSection(text_locality=0, text_path=str(tmp_path / "nope"))) == []
     with pytest.raises(MendError, match="data.text_path"):

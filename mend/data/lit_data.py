@@ -95,6 +95,7 @@ class Sample:
     paraphrases: tuple[str, ...]
     loc_prompts: tuple[str, ...]
     loc_targets: tuple[str, ...]
+    n_text: int = 0  # the last n_text locality rows are ordinary text (data.text_locality), not neighbours
 
 
 class SampleSource(Dataset):
@@ -131,8 +132,11 @@ class SampleSource(Dataset):
             n = len(self.requests)
             others = [self.requests[(k + 1 + rng.randrange(max(1, n - 1))) % n] for _ in range(self.n_loc)]
             pool = [(o.text, o.target_true or o.target_new) for o in others]
-        locs = _pick(rng, pool, self.n_loc) + _pick(rng, self.texts, self.n_text)
-        return Sample(r.text, r.target_new, tuple(paras), tuple(p for p, _ in locs), tuple(t for _, t in locs))
+        neighbours = _pick(rng, pool, self.n_loc)
+        texts = _pick(rng, self.texts, self.n_text)
+        locs = neighbours + texts
+        return Sample(r.text, r.target_new, tuple(paras), tuple(p for p, _ in locs), tuple(t for _, t in locs),
+                      len(texts))
 
 
 def _pick(rng: random.Random, pool: list, n: int) -> list:
@@ -141,9 +145,9 @@ def _pick(rng: random.Random, pool: list, n: int) -> list:
     return out + [rng.choice(pool) for _ in range(n - len(out))]
 
 
-def collate(items: list[Sample]) -> dict[str, list[str]]:
-    """Flat lists of strings (paraphrases and locality examples of all edits in order); tokenisation happens in
-    the LightningModule, next to the model."""
+def collate(items: list[Sample]) -> dict[str, list]:
+    """Flat lists of strings (paraphrases and locality examples of all edits in order) and, in ``loc_text``, which
+    locality rows are ordinary text; tokenisation happens in the LightningModule, next to the model."""
     return {
         "prompt": [s.prompt for s in items],
         "target": [s.target for s in items],
@@ -151,6 +155,7 @@ def collate(items: list[Sample]) -> dict[str, list[str]]:
         "para_target": [s.target for s in items for _ in s.paraphrases],
         "loc_prompt": [p for s in items for p in s.loc_prompts],
         "loc_target": [t for s in items for t in s.loc_targets],
+        "loc_text": [i >= len(s.loc_prompts) - s.n_text for s in items for i in range(len(s.loc_prompts))],
     }
 
 
