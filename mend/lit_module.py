@@ -30,7 +30,8 @@ from mend.upper_blocks import UpperBlocks
 
 log = logging.getLogger(__name__)
 VAL_METRICS = ("loss", "edit_nll", "kl", "edit_acc", "edit_success", "edit_success_pre", "loc_agreement", "drawdown",
-               "text_agreement")
+               "relation_agreement", "text_agreement")
+LOC_KINDS = ("neighbour", "relation", "text")  # locality rows: the record's neighbours, same-relation prompts, text
 
 
 @dataclass
@@ -63,7 +64,7 @@ class LossSection:
     c_loc: float = 1.0
     # The ordinary-text rows (data.text_locality): None pools their tokens with the neighbours' into one mean, so
     # that a 12-word continuation outweighs a 1-3 token neighbour answer; a number X makes the locality term
-    # KL(neighbour tokens) + X · KL(text tokens), each a mean over its own tokens.
+    # KL(neighbour and relation tokens) + X · KL(text tokens), each a mean over its own tokens.
     c_text: float | None = None
 
 
@@ -143,7 +144,7 @@ class MendModule(pl.LightningModule):
 
     def step(self, batch: dict[str, list], update_stats: bool) -> dict[str, torch.Tensor]:
         """Loss and diagnostics for a batch of B edits. Rows: B edit prompts, their paraphrases (the edit loss
-        rows, ``n_edit`` in all), then the locality examples (``batch["loc_text"]`` marks the ordinary-text ones)."""
+        rows, ``n_edit`` in all), then the locality examples (``batch["loc_kind"]``: neighbour, relation or text)."""
         n = len(batch["prompt"])
         n_edit = n + len(batch["paraphrase"])
         f = self.frozen
@@ -165,7 +166,8 @@ class MendModule(pl.LightningModule):
         with f.upper.start_from(hidden):
             post = edited_target_logits(f.model, f.adapter, tb, deltas)  # (N, V) edited
         rows, _ = target_tokens(tb)
-        text = _text_tokens(batch, rows, n_edit)
+        kind = _token_kinds(batch, rows, n_edit)
+        text = kind == LOC_KINDS.index("text")
         loc = rows >= n_edit  # (N,) locality tokens
         edit_nll = row_nll(post, tb)[:n_edit].mean()
         lp_pre = torch.log_softmax(pre[loc].float(), -1)
@@ -178,28 +180,28 @@ class MendModule(pl.LightningModule):
             kl = kl_tok[~text_loc].mean() + c_text * kl_tok[text_loc].mean()
         loss = self.loss_cfg.c_edit * edit_nll + self.loss_cfg.c_loc * kl
         out = {"loss": loss, "edit_nll": edit_nll.detach(), "kl": kl.detach()}
-        out.update(_accuracies(pre.detach(), post.detach(), tb, n_edit, text))
+        out.update(_accuracies(pre.detach(), post.detach(), tb, n_edit, kind))
         out["delta_norm"] = torch.stack([d.detach().norm() for d in deltas.values()]).mean()
         return out
 
-    def training_step(self, batch: dict[str, list[str]], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, list], batch_idx: int) -> torch.Tensor:
         out = self.step(batch, update_stats=self.hypernet.cfg.norm)
         bs = len(batch["prompt"])
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=bs)
         self.log("train/edit_success", out["edit_success"], prog_bar=True, batch_size=bs)
         self.log("train/kl", out["kl"], prog_bar=True, batch_size=bs)
         for k in ("edit_nll", "edit_acc", "edit_success_pre", "loc_agreement", "drawdown", "delta_norm",
-                  "text_agreement"):
+                  "relation_agreement", "text_agreement"):
             if k in out:
                 self.log(f"train/{k}", out[k], batch_size=bs)
         self.log("train/alpha", self.hypernet.log_alpha.detach().exp().mean(), batch_size=bs)
         self.log("train/lr", self.optimizers(use_pl_optimizer=False).param_groups[0]["lr"], batch_size=bs)
         return out["loss"]
 
-    def validation_step(self, batch: dict[str, list[str]], batch_idx: int) -> None:
+    def validation_step(self, batch: dict[str, list], batch_idx: int) -> None:
         out = self.step(batch, update_stats=False)
         for k in VAL_METRICS:
-            if k in out:  # text_agreement: only with text rows
+            if k in out:  # relation_agreement / text_agreement: only with such rows
                 self.val_metrics[k].update(out[k].detach())
 
     def on_validation_epoch_end(self) -> None:
@@ -225,21 +227,20 @@ def _slice(hidden: torch.Tensor | None, sub: TargetBatch, lo: int, hi: int) -> t
     return None if hidden is None else hidden[lo:hi, : sub.inputs["input_ids"].shape[1]]
 
 
-def _text_tokens(batch: dict[str, list], rows: torch.Tensor, n_edit: int) -> torch.Tensor:
-    """(N,) bool: the target tokens of the ordinary-text locality rows (``batch["loc_text"]``; none without it)."""
-    flags = batch.get("loc_text") or []
-    if not any(flags):
-        return torch.zeros_like(rows, dtype=torch.bool)
-    is_text = torch.tensor([False] * n_edit + [bool(f) for f in flags], device=rows.device)
-    return is_text[rows]
+def _token_kinds(batch: dict[str, list], rows: torch.Tensor, n_edit: int) -> torch.Tensor:
+    """(N,) the kind of each target token's row: -1 for the edit rows, else its index in ``LOC_KINDS`` (from
+    ``batch["loc_kind"]``; neighbour rows without it)."""
+    names = batch.get("loc_kind") or ["neighbour"] * len(batch["loc_prompt"])
+    per_row = torch.tensor([-1] * n_edit + [LOC_KINDS.index(k) for k in names], device=rows.device)
+    return per_row[rows]
 
 
 @torch.no_grad()
 def _accuracies(pre: torch.Tensor, post: torch.Tensor, tb: TargetBatch, n_edit: int,
-                text: torch.Tensor) -> dict[str, torch.Tensor]:
+                kind: torch.Tensor) -> dict[str, torch.Tensor]:
     """Edit accuracy / success (the first ``n_edit`` rows), locality agreement on the neighbour rows, agreement on
-    the ordinary-text rows (``text``, when there are any) and drawdown (all locality rows), from packed (N, V)
-    target logits before and after the edit."""
+    the relation and text rows (when there are any; ``kind`` from ``_token_kinds``) and drawdown (all locality
+    rows), from packed (N, V) target logits before and after the edit."""
     rows, ids = target_tokens(tb)
     hit_post, hit_pre = post.argmax(-1) == ids, pre.argmax(-1) == ids  # (N,)
     edit, loc = rows < n_edit, rows >= n_edit
@@ -253,9 +254,10 @@ def _accuracies(pre: torch.Tensor, post: torch.Tensor, tb: TargetBatch, n_edit: 
         "edit_acc": hit_post[edit].float().mean(),
         "edit_success": success(hit_post),
         "edit_success_pre": success(hit_pre),
-        "loc_agreement": agree[loc & ~text].float().mean(),
+        "loc_agreement": agree[kind == 0].float().mean(),
         "drawdown": hit_pre[loc].float().mean() - hit_post[loc].float().mean(),
     }
-    if text.any():
-        out["text_agreement"] = agree[text].float().mean()
+    for i, name in enumerate(LOC_KINDS[1:], 1):
+        if (kind == i).any():
+            out[f"{name}_agreement"] = agree[kind == i].float().mean()
     return out

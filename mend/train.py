@@ -37,6 +37,8 @@ editor of the best validation in <out>/best and the final evaluation in <out>/ev
   data.limit=N data.variants=N  first N training records; built-in facts: new targets per fact [4]
   data.text_locality=N data.text_path=PATH   rows of ordinary text per edit in the KL term [0; text:
                               wikitext/wiki.valid.raw in the data root]
+  data.relation_locality=N    rows per edit of other records with the same prompt template (relation) and
+                              their true targets, in the KL term [0]
   edit.layers=[-3,-2,-1] edit.kinds=[mlp_out] edit.stacks=[encoder,decoder]   the edited weights
   hypernet.rank=N hypernet.n_blocks=N hypernet.combine=BOOL hypernet.shared=BOOL hypernet.alpha_init=X
   optim.lr=X optim.lr_alpha=X loss.c_edit=X loss.c_loc=X norm_warmup=N

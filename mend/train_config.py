@@ -95,8 +95,9 @@ def validate(cfg: Any) -> None:
     if cfg.data.name != "builtin" and cfg.data.name not in TRAIN_FILES:
         raise ConfigError(f"data.name must be builtin or one of {', '.join(sorted(TRAIN_FILES))} for training, "
                           f"got '{cfg.data.name}'")
-    if cfg.data.locality < 1 or cfg.data.paraphrases < 0 or cfg.data.text_locality < 0:
-        raise ConfigError("data.locality must be >= 1, data.paraphrases and data.text_locality >= 0")
+    if cfg.data.locality < 1 or min(cfg.data.paraphrases, cfg.data.text_locality, cfg.data.relation_locality) < 0:
+        raise ConfigError("data.locality must be >= 1, data.paraphrases, data.text_locality and "
+                          "data.relation_locality >= 0")
     if not cfg.edit.layers or not cfg.edit.kinds:
         raise ConfigError("edit.layers and edit.kinds must not be empty")
     if cfg.loss.c_edit < 0 or cfg.loss.c_loc < 0 or (cfg.loss.c_text is not None and cfg.loss.c_text < 0):

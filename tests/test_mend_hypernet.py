@@ -223,8 +223,8 @@ def test_text_rows_are_weighted_by_c_text_and_scored_apart(tiny):
     edit = ("The tower is in", " Rome", ("Where is the tower? In",))
     nb, text = ("Big Ben is in", " London"), ("It was a long day and the", " rain kept falling on the roofs")
 
-    def batch(locs, n_text=0):
-        return collate([Sample(*edit, tuple(p for p, _ in locs), tuple(t for _, t in locs), n_text)])
+    def batch(locs, kinds=()):
+        return collate([Sample(*edit, tuple(p for p, _ in locs), tuple(t for _, t in locs), kinds)])
 
     torch.manual_seed(0)
     m = MendModule(model, tok, refs, HypernetConfig(rank=8, alpha_init=20.0), OptimSection(), LossSection())
@@ -241,8 +241,8 @@ def test_text_rows_are_weighted_by_c_text_and_scored_apart(tiny):
         m.loss_cfg = LossSection(c_text=c_text)
         return m.step(b, update_stats=False)
 
-    mixed = batch([nb, text], n_text=1)
-    assert mixed["loc_text"] == [False, True]
+    mixed = batch([nb, text], ("neighbour", "text"))
+    assert mixed["loc_kind"] == ["neighbour", "text"]
     only_nb, only_text = step(batch([nb])), step(batch([text]))
     assert only_nb["kl"] > 1e-4 and only_text["kl"] > 1e-4 and "text_agreement" not in only_nb
     for c in (0.0, 0.5, 2.0):
@@ -253,3 +253,9 @@ def test_text_rows_are_weighted_by_c_text_and_scored_apart(tiny):
     torch.testing.assert_close(out["loc_agreement"], only_nb["loc_agreement"])
     torch.testing.assert_close(out["text_agreement"], only_text["loc_agreement"])
     torch.testing.assert_close(out["edit_nll"], only_nb["edit_nll"], rtol=1e-4, atol=1e-6)
+    # relation rows: in the neighbours' KL mean, scored apart from them
+    rel = step(batch([nb, text], ("neighbour", "relation")), 1.0)
+    torch.testing.assert_close(rel["kl"], pooled["kl"], rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(rel["loc_agreement"], only_nb["loc_agreement"])
+    torch.testing.assert_close(rel["relation_agreement"], only_text["loc_agreement"])
+    assert "text_agreement" not in rel

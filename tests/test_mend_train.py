@@ -230,17 +230,40 @@ def test_text_locality_rows_come_from_the_text_file(tmp_path):
     sample = src[0]
     assert len(sample.loc_prompts) == 3 and sample.loc_prompts[0] not in {p for p, _ in pairs}
     assert set(zip(sample.loc_prompts[1:], sample.loc_targets[1:])) <= set(pairs)
-    assert sample.n_text == 2 and collate([sample, sample])["loc_text"] == [False, True, True] * 2
+    assert collate([sample, sample])["loc_kind"] == ["neighbour", "text", "text"] * 2
     assert src[5] == SampleSource(REQS, n_loc=1, texts=pairs, n_text=2)[5]  # a pure function of the position
     assert load_text_pairs(TrainDataSection(text_locality=0, text_path=str(tmp_path / "nope"))) == []
     with pytest.raises(MendError, match="data.text_path"):
         load_text_pairs(TrainDataSection(text_locality=1, text_path=str(tmp_path / "nope")))
 
 
-def test_training_with_text_locality_runs(tmp_path):
+def test_relation_locality_rows_are_other_records_of_the_same_relation():
+    """data.relation_locality=N: N rows of other records with the edit's prompt template, with their true targets;
+    none for a record alone with its template; the record's own neighbour row stays first."""
+    from mend.data.lit_data import SampleSource, collate
+
+    reqs = [make_request("{} is located in", s, " Rome", t, neighborhood=[(f"Near {s} is", " x")])
+            for s, t in (("The tower", " Paris"), ("Big Ben", " London"), ("The Colosseum", " Rome"))]
+    reqs.append(make_request("{} plays the", "Bob", " piano", " drums", neighborhood=[("Ann plays the", " harp")]))
+    src = SampleSource(reqs, n_loc=1, n_relation=2)
+    for i in range(8):
+        s = src[i]
+        r = src.requests[src._record(i)]
+        assert s.loc_prompts[0] == r.neighborhood[0][0] and s.loc_kinds[0] == "neighbour"
+        rel = [(p, t) for p, t, k in zip(s.loc_prompts, s.loc_targets, s.loc_kinds) if k == "relation"]
+        if r.subject == "Bob":
+            assert rel == []
+        else:
+            others = {(q.text, q.target_true) for q in reqs[:3] if q is not r}
+            assert len(rel) == 2 and set(rel) == others
+    assert SampleSource(reqs, n_loc=1)[0].loc_kinds == ("neighbour",)
+    assert collate([src[0]])["loc_kind"][0] == "neighbour"
+
+
+def test_training_with_text_and_relation_locality_runs(tmp_path):
     text = tmp_path / "text.txt"
     text.write_text("\n".join(" ".join(f"p{j}w{i}" for i in range(50)) for j in range(4)))
     out = tmp_path / "run"
     metrics = train(out, "model=tiny-gpt2", "trainer.fast_dev_run=true", "data.text_locality=1",
-                    f"data.text_path={text}")
+                    f"data.text_path={text}", "data.relation_locality=2", "loss.c_text=0.5")
     assert metrics["steps"] == 1 and torch.isfinite(torch.tensor(metrics["last_logged"]["train/kl"]))

@@ -52,6 +52,9 @@ class TrainDataSection:
     locality: int = 4  # locality examples per edit in the KL loss
     text_locality: int = 0  # rows of ordinary text per edit in the KL loss (prefix -> its continuation)
     text_path: str | None = None  # their text file or folder (default: wikitext/wiki.valid.raw in the data root)
+    # rows per edit of other records with the same prompt template (the same relation: "{} is located in"), each
+    # with its true target: prompts an edit that rewrites the relation instead of the subject's fact would change
+    relation_locality: int = 0
 
 
 PREFIX_WORDS, CONTINUATION_WORDS = 32, 12  # a text row: 32 words of context, the KL on the next 12
@@ -95,19 +98,24 @@ class Sample:
     paraphrases: tuple[str, ...]
     loc_prompts: tuple[str, ...]
     loc_targets: tuple[str, ...]
-    n_text: int = 0  # the last n_text locality rows are ordinary text (data.text_locality), not neighbours
+    loc_kinds: tuple[str, ...] = ()  # per locality row: neighbour | relation | text (empty: all neighbours)
 
 
 class SampleSource(Dataset):
     """Records (EditRequests) turned into samples; ``__getitem__`` takes a draw position (see module docs)."""
 
     def __init__(self, requests: Sequence[EditRequest], seed: int = 0, shuffle: bool = True, n_para: int = 1,
-                 n_loc: int = 1, texts: Sequence[tuple[str, str]] = (), n_text: int = 0):
+                 n_loc: int = 1, texts: Sequence[tuple[str, str]] = (), n_text: int = 0, n_relation: int = 0):
         if not requests:
             raise MendError("no edit records to train on")
         self.requests = list(requests)
         self.texts, self.n_text = list(texts), n_text if texts else 0
         self.seed, self.shuffle, self.n_para, self.n_loc = seed, shuffle, n_para, n_loc
+        self.n_relation = n_relation
+        self._same_relation: dict[str, list[int]] = {}  # prompt template -> the records that have it
+        for k, r in enumerate(self.requests):
+            if r.target_true:
+                self._same_relation.setdefault(r.prompt, []).append(k)
         self._perms: dict[int, list[int]] = {}
 
     def __len__(self) -> int:
@@ -134,20 +142,26 @@ class SampleSource(Dataset):
             pool = [(o.text, o.target_true or o.target_new) for o in others]
         neighbours = _pick(rng, pool, self.n_loc)
         texts = _pick(rng, self.texts, self.n_text)
-        locs = neighbours + texts
+        others = [j for j in self._same_relation.get(r.prompt, []) if j != k] if self.n_relation else []
+        relation = [(self.requests[j].text, self.requests[j].target_true) for j in _pick(rng, others, self.n_relation)]
+        locs = neighbours + relation + texts
+        kinds = ("neighbour",) * len(neighbours) + ("relation",) * len(relation) + ("text",) * len(texts)
         return Sample(r.text, r.target_new, tuple(paras), tuple(p for p, _ in locs), tuple(t for _, t in locs),
-                      len(texts))
+                      kinds)
 
 
 def _pick(rng: random.Random, pool: list, n: int) -> list:
-    """``n`` items of ``pool``: without repetition while it lasts, then with."""
+    """``n`` items of ``pool``: without repetition while it lasts, then with (none from an empty pool)."""
+    if not pool:
+        return []
     out = rng.sample(pool, min(n, len(pool)))
     return out + [rng.choice(pool) for _ in range(n - len(out))]
 
 
 def collate(items: list[Sample]) -> dict[str, list]:
-    """Flat lists of strings (paraphrases and locality examples of all edits in order) and, in ``loc_text``, which
-    locality rows are ordinary text; tokenisation happens in the LightningModule, next to the model."""
+    """Flat lists of strings (paraphrases and locality examples of all edits in order) and, in ``loc_kind``, what
+    each locality row is (neighbour, relation or text); tokenisation happens in the LightningModule, next to the
+    model."""
     return {
         "prompt": [s.prompt for s in items],
         "target": [s.target for s in items],
@@ -155,7 +169,7 @@ def collate(items: list[Sample]) -> dict[str, list]:
         "para_target": [s.target for s in items for _ in s.paraphrases],
         "loc_prompt": [p for s in items for p in s.loc_prompts],
         "loc_target": [t for s in items for t in s.loc_targets],
-        "loc_text": [i >= len(s.loc_prompts) - s.n_text for s in items for i in range(len(s.loc_prompts))],
+        "loc_kind": [k for s in items for k in (s.loc_kinds or ("neighbour",) * len(s.loc_prompts))],
     }
 
 
@@ -200,9 +214,9 @@ class EditDataModule(pl.LightningDataModule):
         if self.train_set is None:
             train, val = load_training_requests(self.cfg, self.seed)
             n_para, n_loc, n_text = self.cfg.paraphrases, self.cfg.locality, self.cfg.text_locality
-            texts = load_text_pairs(self.cfg)
-            self.train_set = SampleSource(train, self.seed, True, n_para, n_loc, texts, n_text)
-            self.val_set = SampleSource(val, self.seed + 1, False, n_para, n_loc, texts, n_text)
+            texts, n_rel = load_text_pairs(self.cfg), self.cfg.relation_locality
+            self.train_set = SampleSource(train, self.seed, True, n_para, n_loc, texts, n_text, n_rel)
+            self.val_set = SampleSource(val, self.seed + 1, False, n_para, n_loc, texts, n_text, n_rel)
             log.info("training on %d records, validating on %d", len(train), len(val))
 
     def _rank_world(self) -> tuple[int, int]:
