@@ -129,9 +129,9 @@ class EditorCheckpoint(pl.Callback):
 
     def __init__(self, out: Path, every_n_steps: int, write_editor: Callable[[pl.LightningModule, int], None],
                  write_best: Callable[[pl.LightningModule, int, dict[str, float]], None] | None = None,
-                 monitor: str = "val/score"):
+                 monitor: str = "val/score", reset_best: bool = False):
         self.out, self.every, self.write_editor = Path(out), every_n_steps, write_editor
-        self.write_best, self.monitor = write_best, monitor
+        self.write_best, self.monitor, self.reset_best = write_best, monitor, reset_best
         self.best: float | None = None
         self._saved_step = -1
         self.digests: list[str] = []
@@ -140,7 +140,9 @@ class EditorCheckpoint(pl.Callback):
         return {"best": self.best}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.best = state.get("best")
+        """The resumed run's best score, unless ``reset_best`` (a resume with other loss or data settings, whose
+        validations are not comparable): then the next validation's editor replaces ``<out>/best``."""
+        self.best = None if self.reset_best else state.get("best")
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         value = trainer.callback_metrics.get(self.monitor)

@@ -48,6 +48,8 @@ editor of the best validation in <out>/best and the final evaluation in <out>/ev
   trainer.val_check_interval=N trainer.save_every_n_steps=N trainer.fast_dev_run=true
   trainer.keep_best=BOOL      keep <out>/best, the editor of the validation with the best val/score (harmonic
                               mean of edit_success and the neighbour rows' locality agreement) [true]
+  trainer.reset_best=BOOL     on resume, forget the earlier steps' best val/score (resuming with other loss or
+                              data settings): the next validation's editor replaces <out>/best [false]
   trainer.accelerator=cpu|gpu|auto trainer.devices=N trainer.strategy=auto|ddp trainer.precision=32-true
   eval.enabled=BOOL eval.limit=N    the evaluation at the end (built-in test split by default)
   eval.editor=last|best       evaluate the final editor or <out>/best [last]
@@ -185,7 +187,8 @@ def _trainer(cfg: Any, out: Path, module: Any, info: EditorInfo, train_doc: dict
         write_json(best / METRICS_FILE, {"step": step, "validation": metrics})
 
     t = cfg.trainer
-    callback = EditorCheckpoint(out, t.save_every_n_steps, write_editor, write_best if t.keep_best else None)
+    callback = EditorCheckpoint(out, t.save_every_n_steps, write_editor, write_best if t.keep_best else None,
+                                reset_best=t.reset_best)
     batches = t.max_steps * t.accumulate_grad_batches
     trainer = pl.Trainer(
         max_steps=t.max_steps, accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,

@@ -34,6 +34,7 @@ class TrainerSection:
     limit_val_batches: int | None = None
     save_every_n_steps: int = 300  # <out>/last (resume) and the editor files
     keep_best: bool = True  # <out>/best: the editor of the validation with the best val/score
+    reset_best: bool = False  # on resume: forget the earlier best score (other loss / data settings since)
     log_every_n_steps: int = 10
     accelerator: str = "cpu"
     devices: Any = 1

@@ -212,6 +212,15 @@ def test_cosine_schedule_and_the_best_editor_kept(tmp_path, tiny):
     assert train(tmp_path / "nobest", "model=tiny-llama", "trainer.max_steps=2", "trainer.val_check_interval=2",
                  "trainer.keep_best=false")["steps"] == 2
     assert not (tmp_path / "nobest" / "best").exists()
+    # resumed with trainer.reset_best: the earlier best score is forgotten, the next validation's editor is kept
+    from mend.checkpointing import EditorCheckpoint
+
+    cb = EditorCheckpoint(out, 2, lambda *a: None, lambda *a: None, reset_best=True)
+    cb.load_state_dict({"best": 0.9})
+    assert cb.best is None
+    train(out, "model=tiny-llama", "trainer.max_steps=6", "trainer.val_check_interval=2", "optim.schedule=cosine",
+          "optim.min_lr_ratio=0.5", "optim.lr=1e-3", "eval.enabled=false", "trainer.reset_best=true")
+    assert json.loads((out / "best" / "metrics.json").read_text())["step"] == 6
 
 
 def test_text_locality_rows_come_from_the_text_file(tmp_path):
