@@ -42,6 +42,7 @@ class OptimSection:
     schedule: str = "constant"  # constant | cosine (both rates, from 1 to min_lr_ratio over trainer.max_steps)
     warmup_steps: int = 0  # linear warm-up of both rates from 0
     min_lr_ratio: float = 0.1  # cosine: the rates' final fraction
+    schedule_steps: int | None = None  # the cosine's length (default trainer.max_steps): a run may stop before its end
 
 
 SCHEDULES = ("constant", "cosine")
@@ -130,7 +131,7 @@ class MendModule(pl.LightningModule):
         ])
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        factor = lr_factor(self.trainer.global_step, self.trainer.max_steps, self.optim)
+        factor = lr_factor(self.trainer.global_step, self.optim.schedule_steps or self.trainer.max_steps, self.optim)
         base = (self.optim.lr, self.optim.lr_alpha)
         for group, lr in zip(self.optimizers(use_pl_optimizer=False).param_groups, base):
             group["lr"] = lr * factor

@@ -61,6 +61,9 @@ def test_fast_dev_run_then_the_saved_editor_edits(runs, tiny, name):
     for ref, d in both.deltas.items():  # several requests in one edit: their ΔW summed
         assert d.abs().max() > 0
         torch.testing.assert_close(d, singles[0].deltas[ref] + singles[1].deltas[ref], rtol=1e-4, atol=1e-9)
+    scaled = create_editor("mend", {"checkpoint": str(out), "scale": 1.5}).edit(model, tok, REQS)
+    for ref, d in both.deltas.items():  # editor.scale multiplies every ΔW
+        torch.testing.assert_close(scaled.deltas[ref], 1.5 * d, rtol=1e-5, atol=1e-9)
     p0 = [s.logprob for s in score_targets(model, tok, [r.text for r in REQS], [r.target_new for r in REQS])]
     handle = apply_edit(model, both)
     p1 = [s.logprob for s in score_targets(model, tok, [r.text for r in REQS], [r.target_new for r in REQS])]
@@ -218,9 +221,13 @@ def test_cosine_schedule_and_the_best_editor_kept(tmp_path, tiny):
     cb = EditorCheckpoint(out, 2, lambda *a: None, lambda *a: None, reset_best=True)
     cb.load_state_dict({"best": 0.9})
     assert cb.best is None
-    train(out, "model=tiny-llama", "trainer.max_steps=6", "trainer.val_check_interval=2", "optim.schedule=cosine",
-          "optim.min_lr_ratio=0.5", "optim.lr=1e-3", "eval.enabled=false", "trainer.reset_best=true")
+    # ... and stopped at step 6 of a cosine over 8 steps (optim.schedule_steps)
+    resumed = train(out, "model=tiny-llama", "trainer.max_steps=6", "trainer.val_check_interval=2",
+                    "optim.schedule=cosine", "optim.min_lr_ratio=0.5", "optim.lr=1e-3", "eval.enabled=false",
+                    "trainer.reset_best=true", "optim.schedule_steps=8")
     assert json.loads((out / "best" / "metrics.json").read_text())["step"] == 6
+    want = 1e-3 * lr_factor(5, 8, OptimSection(schedule="cosine", min_lr_ratio=0.5))
+    assert resumed["last_logged"]["train/lr"] == pytest.approx(want)
 
 
 def test_text_locality_rows_come_from_the_text_file(tmp_path):

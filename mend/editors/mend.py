@@ -24,6 +24,7 @@ from mend.scoring import make_batch
 @dataclass
 class MendConfig:
     checkpoint: str | None = None  # a run directory written by python -m mend.train
+    scale: float = 1.0  # multiplies every ΔW at edit time (> 1: stronger edits, < 1: more local ones)
 
 
 class MendEditor(Editor):
@@ -78,7 +79,8 @@ class MendEditor(Editor):
         batch = make_batch(tokenizer, [r.text for r in requests], [r.target_new for r in requests], model)
         factors, _ = edit_factors(model, adapter, refs, batch, len(requests))
         with torch.no_grad():
-            deltas = {ref: hypernet.delta(ref.label, *factors[ref.label]).to(adapter.get_weight(ref).dtype)
+            scale = self.config.scale
+            deltas = {ref: (scale * hypernet.delta(ref.label, *factors[ref.label])).to(adapter.get_weight(ref).dtype)
                       for ref in refs}
             alphas = {ref.label: hypernet.alpha(ref.label).item() for ref in refs}
         return EditResult(deltas, {"alpha": alphas, "tokens": int(batch.inputs["attention_mask"].sum())},
