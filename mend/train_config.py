@@ -111,3 +111,6 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got '{cfg.optim.schedule}'")
     if cfg.optim.warmup_steps < 0 or not 0 <= cfg.optim.min_lr_ratio <= 1:
         raise ConfigError("optim.warmup_steps must be >= 0 and optim.min_lr_ratio in [0, 1]")
+    if cfg.optim.schedule_steps is not None and cfg.optim.schedule_steps < cfg.trainer.max_steps:
+        raise ConfigError(f"optim.schedule_steps ({cfg.optim.schedule_steps}) must be at least trainer.max_steps "
+                          f"({cfg.trainer.max_steps}): it lets a run stop before the end of its schedule")
