@@ -230,9 +230,8 @@ def _slice(hidden: torch.Tensor | None, sub: TargetBatch, lo: int, hi: int) -> t
 
 def _token_kinds(batch: dict[str, list], rows: torch.Tensor, n_edit: int) -> torch.Tensor:
     """(N,) the kind of each target token's row: -1 for the edit rows, else its index in ``LOC_KINDS`` (from
-    ``batch["loc_kind"]``; neighbour rows without it)."""
-    names = batch.get("loc_kind") or ["neighbour"] * len(batch["loc_prompt"])
-    per_row = torch.tensor([-1] * n_edit + [LOC_KINDS.index(k) for k in names], device=rows.device)
+    ``batch["loc_kind"]``, which ``collate`` writes)."""
+    per_row = torch.tensor([-1] * n_edit + [LOC_KINDS.index(k) for k in batch["loc_kind"]], device=rows.device)
     return per_row[rows]
 
 

@@ -179,6 +179,18 @@ def test_uninitialised_statistics_are_refused(tiny):
         hn.delta(refs[0].label, *factors[refs[0].label])
 
 
+def _trained_looking(m, batch) -> None:
+    """Input statistics warmed on ``batch``'s edit factors and random up-projections: not the identity."""
+    tb = m._tokenize(batch["prompt"], batch["target"])
+    with m.frozen.upper.only(tb):
+        factors, _ = edit_factors(m.frozen.model, m.frozen.adapter, m.frozen.refs, tb, len(batch["prompt"]))
+    _warm(m.hypernet, factors)
+    with torch.no_grad():
+        for name, prm in m.hypernet.named_parameters():
+            if name.endswith("up.weight"):
+                prm.normal_(0, 0.1)
+
+
 def test_training_step_with_partial_passes_equals_the_full_computation(tiny):
     """The lower blocks computed once (and the edit rows run apart from the others) change nothing."""
     from mend.data.lit_data import Sample, collate
@@ -197,14 +209,7 @@ def test_training_step_with_partial_passes_equals_the_full_computation(tiny):
         if not partial:
             m.frozen.upper.layer = None
         assert m.frozen.upper.active is partial
-        tb = m._tokenize(batch["prompt"], batch["target"])
-        with m.frozen.upper.only(tb):
-            factors, _ = edit_factors(model, m.frozen.adapter, refs, tb, 2)
-        _warm(m.hypernet, factors)
-        with torch.no_grad():  # a trained-looking network: not the identity
-            for name, prm in m.hypernet.named_parameters():
-                if name.endswith("up.weight"):
-                    prm.normal_(0, 0.1)
+        _trained_looking(m, batch)
         outs.append(m.step(batch, update_stats=False))
     for k in outs[0]:
         torch.testing.assert_close(outs[0][k], outs[1][k], rtol=1e-4, atol=1e-6)
@@ -228,14 +233,7 @@ def test_text_rows_are_weighted_by_c_text_and_scored_apart(tiny):
 
     torch.manual_seed(0)
     m = MendModule(model, tok, refs, HypernetConfig(rank=8, alpha_init=20.0), OptimSection(), LossSection())
-    tb = m._tokenize([edit[0]], [edit[1]])
-    with m.frozen.upper.only(tb):
-        factors, _ = edit_factors(model, m.frozen.adapter, refs, tb, 1)
-    _warm(m.hypernet, factors)
-    with torch.no_grad():
-        for name, prm in m.hypernet.named_parameters():
-            if name.endswith("up.weight"):
-                prm.normal_(0, 0.1)
+    _trained_looking(m, batch([nb]))
 
     def step(b, c_text=None):
         m.loss_cfg = LossSection(c_text=c_text)

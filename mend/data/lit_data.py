@@ -109,7 +109,7 @@ class SampleSource(Dataset):
         if not requests:
             raise MendError("no edit records to train on")
         self.requests = list(requests)
-        self.texts, self.n_text = list(texts), n_text if texts else 0
+        self.texts, self.n_text = list(texts), n_text
         self.seed, self.shuffle, self.n_para, self.n_loc = seed, shuffle, n_para, n_loc
         self.n_relation = n_relation
         self._same_relation: dict[str, list[int]] = {}  # prompt template -> the records that have it
@@ -142,8 +142,8 @@ class SampleSource(Dataset):
             pool = [(o.text, o.target_true or o.target_new) for o in others]
         neighbours = _pick(rng, pool, self.n_loc)
         texts = _pick(rng, self.texts, self.n_text)
-        others = [j for j in self._same_relation.get(r.prompt, []) if j != k] if self.n_relation else []
-        relation = [(self.requests[j].text, self.requests[j].target_true) for j in _pick(rng, others, self.n_relation)]
+        peers = [j for j in self._same_relation.get(r.prompt, []) if j != k] if self.n_relation else []
+        relation = [(self.requests[j].text, self.requests[j].target_true) for j in _pick(rng, peers, self.n_relation)]
         locs = neighbours + relation + texts
         kinds = ("neighbour",) * len(neighbours) + ("relation",) * len(relation) + ("text",) * len(texts)
         return Sample(r.text, r.target_new, tuple(paras), tuple(p for p, _ in locs), tuple(t for _, t in locs),
