@@ -4,8 +4,9 @@ k* is the key at the subject's last token averaged over context templates, v* = 
 request prompt's own key k_p plus δ optimised there, locate_edit.values), and ΔW = (v* − W k) (C⁻¹k*)ᵀ /
 ((C⁻¹k*)ᵀ k), so that (W + ΔW) k = v*. ``key_mode`` picks k: ``prompt`` — k_p, as the reference ROME code does;
 ``average`` — k* itself, r-ROME's consistent use of the averaged key (Gupta et al.'s code: ``cur_input`` and
-``cur_output`` averaged over the templates, the target still the prompt's output plus δ). Several requests are
-applied one after another (each on top of the last).
+``cur_output`` averaged over the templates, the target still the prompt's output plus δ). ``realized_values``
+optimises δ through the update it becomes (``locate_edit.values.Realized``). Several requests are applied one
+after another (each on top of the last).
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from locate_edit.common import ClosedFormSettings, Guard, StatsCache, prepare_closed_form
 from locate_edit.keys import context_templates, request_keys
 from locate_edit.layer_choice import resolve_layers
-from locate_edit.solvers import rome_update
-from locate_edit.values import ValueSettings, optimize_values
+from locate_edit.solvers import rome_direction, rome_update
+from locate_edit.values import Realized, ValueSettings, optimize_values
 from mend.adapters import get_adapter
 from mend.editor import Editor, EditResult, register_editor, trial_edits
 from mend.errors import ConfigError
@@ -30,6 +31,9 @@ from mend.requests import EditRequest
 class ROMEConfig(ClosedFormSettings):
     layer: int | str = 5  # or auto / auto:TRACE.json: chosen by causal tracing (locate_edit.layer_choice)
     key_mode: str = "prompt"  # prompt (ROME) | average (r-ROME)
+    # optimise δ as the update will write it at each template (locate_edit.values.Realized); off: the
+    # reference's δ added unchanged at every template
+    realized_values: bool = False
     value: ValueSettings = field(default_factory=ValueSettings)
 
 
@@ -61,10 +65,14 @@ class ROMEEditor(Editor):
         with trial_edits(model, adapter) as apply:
             for req in requests:  # each edit sees the previous ones
                 k_avg, k_own = request_keys(model, tokenizer, adapter, ref, [req], templates)
-                vals = optimize_values(model, tokenizer, adapter, [req], templates, adapter.module(ref), ref.layer,
-                                       cfg.value)
                 W = adapter.get_weight(ref).detach()
                 k_norm = k_own if cfg.key_mode == "prompt" else k_avg
+                realized = None
+                if cfg.realized_values:  # the update is (W k_own + δ − W k_norm) ⊗ direction
+                    offset = (W.double() @ (k_own[0] - k_norm[0]).double()).float()
+                    realized = Realized(rome_direction(C, k_avg[0], k_norm[0])[None].float(), offset[None])
+                vals = optimize_values(model, tokenizer, adapter, [req], templates, adapter.module(ref), ref.layer,
+                                       cfg.value, realized)
                 # v* = the bare prompt's output plus δ in both modes (see the module docstring)
                 v = (W.double() @ k_own[0].double()).float() + vals.delta[0]
                 d = rome_update(W.float(), C, k_avg[0], v, k_norm[0])

@@ -6,6 +6,10 @@ in every context template and optimised with Adam on
 
 clamped to ‖δᵢ‖ ≤ clamp_norm_factor · ‖v₀ᵢ‖ (Meng et al. 2022, eq. 4 and reference code). The blocks below the
 edited one do not depend on δ: their output is computed once and every step runs only the blocks above.
+
+``Realized`` (ROME's ``realized_values``): δ is optimised as the rank-one update will write it. An update
+ΔW = (δ + c) uᵀ changes the module's output at a row whose key is k by (uᵀk)(δ + c), not by δ: with
+``direction`` u (C⁻¹k* over its normalising key's projection) and ``offset`` c, each row adds that instead.
 """
 
 from __future__ import annotations
@@ -40,6 +44,17 @@ class ValueSettings:
 
 
 @dataclass
+class Realized:
+    """Per-request ``direction`` (n, d_in) and ``offset`` (n, d_out) of the rank-one update δ will become."""
+
+    direction: torch.Tensor
+    offset: torch.Tensor
+
+    def __getitem__(self, rows: slice) -> Realized:
+        return Realized(self.direction[rows], self.offset[rows])
+
+
+@dataclass
 class Values:
     delta: torch.Tensor  # (n, d) optimised deltas
     init: torch.Tensor  # (n, d) the module's output at the subject's last token of each bare prompt
@@ -49,7 +64,7 @@ class Values:
 
 def optimize_values(
     model: PreTrainedModel, tok: PreTrainedTokenizerBase, adapter: ModelAdapter, requests: Sequence[EditRequest],
-    templates: Sequence[str], module: nn.Module, layer: int, s: ValueSettings,
+    templates: Sequence[str], module: nn.Module, layer: int, s: ValueSettings, realized: Realized | None = None,
 ) -> Values:
     """δ for each request, optimised in chunks of ``s.chunk`` requests (each δ has its own loss terms); a progress
     bar counts the requests when there is more than one chunk (a MEMIT batch of 100 takes minutes on a CPU)."""
@@ -60,7 +75,8 @@ def optimize_values(
               disable=len(requests) <= s.chunk) as bar:
         for i in range(0, len(requests), s.chunk):
             chunk = requests[i : i + s.chunk]
-            parts.append(_optimize_chunk(model, tok, adapter, chunk, templates, module, layer, s))
+            part = None if realized is None else realized[i : i + s.chunk]
+            parts.append(_optimize_chunk(model, tok, adapter, chunk, templates, module, layer, s, part))
             bar.update(len(chunk))
     return Values(torch.cat([p.delta for p in parts]), torch.cat([p.init for p in parts]),
                   [x for p in parts for x in p.steps], [x for p in parts for x in p.final_loss])
@@ -81,7 +97,8 @@ def _rows(tok: PreTrainedTokenizerBase, requests: Sequence[EditRequest], templat
     return prompts, targets, torch.tensor(pos), torch.tensor(owner), torch.tensor(is_kl)
 
 
-def _optimize_chunk(model, tok, adapter, requests, templates, module, layer, s: ValueSettings) -> Values:
+def _optimize_chunk(model, tok, adapter, requests, templates, module, layer, s: ValueSettings,
+                    realized: Realized | None) -> Values:
     prompts, targets, pos, owner, is_kl = _rows(tok, requests, templates, s.kl_prompt)
     batch = make_batch(tok, prompts, targets, model)
     dev = model.device
@@ -97,6 +114,16 @@ def _optimize_chunk(model, tok, adapter, requests, templates, module, layer, s: 
     hidden_in = cap["b"].input if partial else None
     kl_rows = is_kl.nonzero().squeeze(1)
     kl_logp0 = torch.log_softmax(tlogits0[kl_rows, 0].float(), -1)
+    rows = torch.arange(len(owner), device=dev)
+    if realized is None:
+        def added(d):
+            return d[owner]
+    else:  # what the update will add at each row: (uᵀk_row)(δ + c)
+        gain = (cap["m"].input[rows, pos].float() * realized.direction.to(dev)[owner]).sum(1, keepdim=True)
+        offset = realized.offset.to(dev)
+
+        def added(d):
+            return gain * (d + offset)[owner]
 
     delta = torch.zeros_like(init, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=s.lr)
@@ -106,7 +133,7 @@ def _optimize_chunk(model, tok, adapter, requests, templates, module, layer, s: 
     ctx = start_at_layer(adapter, layer, hidden_in) if partial else contextlib.nullcontext()
     with ctx:
         for step in range(s.steps):
-            with add_to_output(module, delta[owner].to(out0.dtype), pos):
+            with add_to_output(module, added(delta).to(out0.dtype), pos):
                 tlogits = forward_target_logits(model, batch)  # (rows, T, V) at target positions only
             lp = logprobs_at_targets(tlogits, batch)  # (rows, T)
             nll_row = -(lp.sum(1) / batch.target_mask.sum(1))

@@ -113,3 +113,41 @@ def test_edit_command_with_rome(tmp_path, capsys):
     assert exc.value.code == 0, capsys.readouterr().err
     (r,) = json.loads(out.read_text())["requests"]
     assert r["p_new_after"] > r["p_new_before"]
+
+
+def test_realized_values_add_what_the_rank_one_update_writes(tiny, monkeypatch):
+    """With ``Realized(u, c)``, δ is added at each row as (uᵀk_row)(δ + c), k_row the module's input there."""
+    from locate_edit import values
+    from locate_edit.keys import keys_at
+
+    model, tok = tiny("tiny-llama")
+    adapter = get_adapter(model)
+    ref = adapter.weight_ref(1, "mlp_out")
+    d_out, d_in = adapter.get_weight(ref).shape
+    g = torch.Generator().manual_seed(0)
+    realized = values.Realized(torch.randn(1, d_in, generator=g), torch.randn(1, d_out, generator=g))
+    added = []
+    plain_add = values.add_to_output
+
+    def spy(module, vector, positions):
+        added.append(vector.detach().float().clone())
+        return plain_add(module, vector, positions)
+
+    monkeypatch.setattr(values, "add_to_output", spy)
+    s = values.ValueSettings(steps=1)  # one forward pass, at δ = 0
+    templates = ["{}", "Once upon a time. {}"]
+    for r in (None, realized):
+        values.optimize_values(model, tok, adapter, REQS[:1], templates, adapter.module(ref), ref.layer, s, r)
+    prompts, _, pos, _, _ = values._rows(tok, REQS[:1], templates, s.kl_prompt)  # 2 templates + the KL row
+    keys = keys_at(model, tok, adapter, ref, prompts, pos.tolist())
+    assert torch.equal(added[0], torch.zeros(3, d_out))
+    expected = (keys @ realized.direction[0])[:, None] * realized.offset
+    assert torch.allclose(added[1], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_rome_with_realized_values_edits_in_both_key_modes(tiny):
+    model, tok = tiny("tiny-llama")
+    for name in ("rome", "r-rome"):
+        result = create_editor(name, FAST, LAYERS[name], {"realized_values": True}).edit(model, tok, REQS[:1])
+        (d,) = result.deltas.values()
+        assert torch.isfinite(d).all() and d.abs().max() > 0

@@ -11,6 +11,7 @@ from locate_edit.solvers import (
     memit_update,
     null_space_projector,
     regularize,
+    rome_direction,
     rome_update,
 )
 
@@ -73,6 +74,18 @@ def test_rome_other_k_norm_hits_target_along_c_inv_k_avg(setup):
     assert rel(dW @ left[:, None] @ left[None, :], dW) < 1e-8
     # column vectors (d, 1) are accepted too
     assert torch.allclose(rome_update(W, C, k_avg[:, None], v[:, None], k_prompt[:, None]), dW)
+
+
+@pytest.mark.parametrize("own_norm", [False, True])
+def test_rome_direction_gives_the_change_at_any_key(setup, own_norm):
+    g, C, W = setup
+    k_avg, k_prompt, v = _randn(D_IN, g=g), _randn(D_IN, g=g), _randn(D_OUT, g=g)
+    k_norm = k_prompt if own_norm else k_avg
+    dW = rome_update(W, C, k_avg, v, k_norm=k_norm)
+    u = rome_direction(C, k_avg, k_norm)
+    assert u.shape == (D_IN,) and abs(float(u @ k_norm) - 1) < 1e-10
+    K = _randn(D_IN, 7, g=g)  # any keys: the update adds (v − W k_norm)(uᵀk) at each
+    assert rel(dW @ K, torch.outer(v - W @ k_norm, u @ K)) < 1e-10
 
 
 def test_rome_identity_c_is_minimum_norm_rank_one(setup):
