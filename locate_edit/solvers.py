@@ -81,18 +81,19 @@ def rome_update(W: Tensor, C: Tensor, k_avg: Tensor, v: Tensor, k_norm: Tensor |
     W64 = _mat(W, "W")
     d_out, d_in = W64.shape
     v64 = _vec(v, "v", d_out)
-    kn = _vec(k_avg if k_norm is None else k_norm, "k_norm", d_in)
-    return ((v64 - W64 @ kn) @ _rome_direction(C, k_avg, k_norm, d_in).T).to(W.dtype)
+    direction, kn = _rome_direction(C, k_avg, k_norm, d_in)
+    return ((v64 - W64 @ kn) @ direction.T).to(W.dtype)
 
 
 def rome_direction(C: Tensor, k_avg: Tensor, k_norm: Tensor | None = None) -> Tensor:
     """``C⁻¹ k_avg / ((C⁻¹ k_avg)ᵀ k_norm)``, the ``(d_in,)`` row space of ROME's update: ``rome_update`` is
     ``(v − W k_norm) ⊗`` this, so the update changes the output at any key ``k`` by ``(v − W k_norm) · (thisᵀ k)``."""
     C64 = _square(C, "C")
-    return _rome_direction(C, k_avg, k_norm, C64.shape[0]).reshape(-1).to(C.dtype)
+    return _rome_direction(C, k_avg, k_norm, C64.shape[0])[0].reshape(-1).to(C.dtype)
 
 
-def _rome_direction(C: Tensor, k_avg: Tensor, k_norm: Tensor | None, d_in: int) -> Tensor:
+def _rome_direction(C: Tensor, k_avg: Tensor, k_norm: Tensor | None, d_in: int) -> tuple[Tensor, Tensor]:
+    """The direction and the normalising key, both float64 columns."""
     C64 = _square(C, "C", d_in)
     k = _vec(k_avg, "k_avg", d_in)
     kn = k if k_norm is None else _vec(k_norm, "k_norm", d_in)
@@ -100,7 +101,7 @@ def _rome_direction(C: Tensor, k_avg: Tensor, k_norm: Tensor | None, d_in: int) 
     denom = (left.T @ kn).squeeze()
     if denom.abs() <= torch.finfo(_F64).tiny:
         raise ValueError("leftᵀ k_norm is zero: k_norm is C-orthogonal to k_avg")
-    return left / denom
+    return left / denom, kn
 
 
 def memit_update(C: Tensor, K: Tensor, R: Tensor, lam: float) -> Tensor:
