@@ -114,16 +114,11 @@ def _optimize_chunk(model, tok, adapter, requests, templates, module, layer, s: 
     hidden_in = cap["b"].input if partial else None
     kl_rows = is_kl.nonzero().squeeze(1)
     kl_logp0 = torch.log_softmax(tlogits0[kl_rows, 0].float(), -1)
-    rows = torch.arange(len(owner), device=dev)
-    if realized is None:
-        def added(d):
-            return d[owner]
-    else:  # what the update will add at each row: (uᵀk_row)(δ + c)
-        gain = (cap["m"].input[rows, pos].float() * realized.direction.to(dev)[owner]).sum(1, keepdim=True)
-        offset = realized.offset.to(dev)
-
-        def added(d):
-            return gain * (d + offset)[owner]
+    gain, offset = 1.0, 0.0  # each row gets gain · (δ + offset): δ itself, or what the update will add there
+    if realized is not None:  # (uᵀk_row)(δ + c)
+        keys = cap["m"].input[torch.arange(len(owner), device=dev), pos].float()
+        gain = (keys * realized.direction.to(dev)[owner]).sum(1, keepdim=True)
+        offset = realized.offset.to(dev)[owner]
 
     delta = torch.zeros_like(init, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=s.lr)
@@ -133,7 +128,7 @@ def _optimize_chunk(model, tok, adapter, requests, templates, module, layer, s: 
     ctx = start_at_layer(adapter, layer, hidden_in) if partial else contextlib.nullcontext()
     with ctx:
         for step in range(s.steps):
-            with add_to_output(module, added(delta).to(out0.dtype), pos):
+            with add_to_output(module, (gain * (delta[owner] + offset)).to(out0.dtype), pos):
                 tlogits = forward_target_logits(model, batch)  # (rows, T, V) at target positions only
             lp = logprobs_at_targets(tlogits, batch)  # (rows, T)
             nll_row = -(lp.sum(1) / batch.target_mask.sum(1))
