@@ -88,13 +88,13 @@ def rome_update(W: Tensor, C: Tensor, k_avg: Tensor, v: Tensor, k_norm: Tensor |
 def rome_direction(C: Tensor, k_avg: Tensor, k_norm: Tensor | None = None) -> Tensor:
     """``C⁻¹ k_avg / ((C⁻¹ k_avg)ᵀ k_norm)``, the ``(d_in,)`` row space of ROME's update: ``rome_update`` is
     ``(v − W k_norm) ⊗`` this, so the update changes the output at any key ``k`` by ``(v − W k_norm) · (thisᵀ k)``."""
-    C64 = _square(C, "C")
-    return _rome_direction(C, k_avg, k_norm, C64.shape[0])[0].reshape(-1).to(C.dtype)
+    return _rome_direction(C, k_avg, k_norm)[0].reshape(-1).to(C.dtype)
 
 
-def _rome_direction(C: Tensor, k_avg: Tensor, k_norm: Tensor | None, d_in: int) -> tuple[Tensor, Tensor]:
-    """The direction and the normalising key, both float64 columns."""
+def _rome_direction(C: Tensor, k_avg: Tensor, k_norm: Tensor | None, d_in: int | None = None) -> tuple[Tensor, Tensor]:
+    """The direction and the normalising key, both float64 columns (``d_in`` from ``C`` unless given)."""
     C64 = _square(C, "C", d_in)
+    d_in = C64.shape[0]
     k = _vec(k_avg, "k_avg", d_in)
     kn = k if k_norm is None else _vec(k_norm, "k_norm", d_in)
     left = _spd_solve(C64, k)  # (d_in, 1)
