@@ -82,6 +82,7 @@ class Guard:
         if settings.action not in ("reject", "warn"):
             raise MendError(f"guard.action must be reject, warn or off, got '{settings.action}'")
         self._text: dict[str, torch.Tensor] = {}
+        self._before: dict[tuple, float] = {}  # held-out perplexity per model state (see _state_key)
 
     @property
     def off(self) -> bool:
@@ -123,7 +124,12 @@ class Guard:
             return None
         self.prepare(model, tok)
         text = self._text[fingerprint(model)]
-        before = _ppl(model, text)
+        key = _state_key(model)
+        before = self._before.get(key)
+        if before is None:  # single edits all start from the same weights: measured once, not before every edit
+            before = self._before[key] = _ppl(model, text)
+            while len(self._before) > 8:
+                self._before.pop(next(iter(self._before)))
         with edited(model, EditResult(deltas)):
             after = _ppl(model, text)
         rise = after / before - 1
@@ -132,6 +138,19 @@ class Guard:
                     f"{after:.3g} (+{rise:.0%} > {self.s.max_ppl_increase:.0%}; a disabling edit; raise "
                     "guard.max_ppl_increase or set guard.action=warn to allow it)")
         return None
+
+
+def _state_key(model: PreTrainedModel, stride: int = 61) -> tuple:
+    """Identifies the model's present weights cheaply (~20 ms on SmolLM2 instead of a 0.7 s perplexity): the
+    fingerprint with the sum and sum of squares, in float64, of every ``stride``-th entry of every parameter. An
+    edit (dense or a changed row) moves them; an exact restore gives the same key back."""
+    s1 = s2 = 0.0
+    with torch.no_grad():
+        for p in model.parameters():
+            x = p.detach().reshape(-1)[::stride].double()
+            s1 += float(x.sum())
+            s2 += float((x * x).sum())
+    return fingerprint(model), s1, s2
 
 
 GUARD_SEED = 7919  # the held-out text differs from the drawdown text of the evaluator (seed 0)

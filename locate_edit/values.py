@@ -23,8 +23,10 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from locate_edit.keys import last_token_index, subject_rows
+from locate_edit.prefix import cached_rows
 from mend.adapters import ModelAdapter
 from mend.adapters.partial import start_at_layer, supports_partial
+from mend.errors import ConfigError
 from mend.hooks import add_to_output, capture
 from mend.requests import EditRequest
 from mend.scoring import forward_target_logits, logprobs_at_targets, make_batch
@@ -38,9 +40,16 @@ class ValueSettings:
     weight_decay: float = 0.5
     clamp_norm_factor: float = 4.0
     early_stop_loss: float = 5e-2  # stop when every request's loss (stop_on) is below this
-    stop_on: str = "loss"  # loss: the whole objective (reference code); nll: the target's NLL alone
+    # loss: the whole objective (reference code); nll: the target's NLL averaged over the templates; nll_max: the
+    # target's NLL at the worst template (the bare prompt included)
+    stop_on: str = "loss"
     kl_prompt: str = "{} is a"
     chunk: int = 8  # requests optimised together in one batch
+    # run the tokens before each row's subject once and keep their keys and values (locate_edit.prefix)
+    prefix_cache: bool = True
+
+
+STOP_ON = ("loss", "nll", "nll_max")
 
 
 @dataclass
@@ -70,6 +79,8 @@ def optimize_values(
     bar counts the requests when there is more than one chunk (a MEMIT batch of 100 takes minutes on a CPU)."""
     from tqdm.auto import tqdm
 
+    if s.stop_on not in STOP_ON:
+        raise ConfigError(f"value.stop_on must be one of {', '.join(STOP_ON)}, got '{s.stop_on}'")
     parts = []
     with tqdm(total=len(requests), desc="v* optimisation", unit="request", leave=False,
               disable=len(requests) <= s.chunk) as bar:
@@ -120,6 +131,12 @@ def _optimize_chunk(model, tok, adapter, requests, templates, module, layer, s: 
         gain = (keys * realized.direction.to(dev)[owner]).sum(1, keepdim=True)
         offset = realized.offset.to(dev)[owner]
 
+    rows = cached_rows(model, batch, pos, tlogits0) if s.prefix_cache else None
+    step_pos = pos
+    if rows is not None:  # every step runs the rows from the subject's last token on (its suffix column 0)
+        step_pos = torch.zeros_like(pos)
+        hidden_in = rows.take(hidden_in) if partial else None
+
     delta = torch.zeros_like(init, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=s.lr)
     max_norm = s.clamp_norm_factor * init.norm(dim=1)  # (n,)
@@ -128,8 +145,9 @@ def _optimize_chunk(model, tok, adapter, requests, templates, module, layer, s: 
     ctx = start_at_layer(adapter, layer, hidden_in) if partial else contextlib.nullcontext()
     with ctx:
         for step in range(s.steps):
-            with add_to_output(module, (gain * (delta[owner] + offset)).to(out0.dtype), pos):
-                tlogits = forward_target_logits(model, batch)  # (rows, T, V) at target positions only
+            with add_to_output(module, (gain * (delta[owner] + offset)).to(out0.dtype), step_pos):
+                # (rows, T, V) at target positions only
+                tlogits = forward_target_logits(model, batch if rows is None else rows.batch())
             lp = logprobs_at_targets(tlogits, batch)  # (rows, T)
             nll_row = -(lp.sum(1) / batch.target_mask.sum(1))
             nll = torch.zeros(n, device=dev).index_add(0, owner[~is_kl], nll_row[~is_kl]) / counts
@@ -140,7 +158,12 @@ def _optimize_chunk(model, tok, adapter, requests, templates, module, layer, s: 
             losses = per_req.tolist()
             for i in range(n):
                 steps[i] = step + 1
-            watched = nll.tolist() if s.stop_on == "nll" else losses
+            if s.stop_on == "nll_max":
+                worst = torch.full((n,), -torch.inf, device=dev).scatter_reduce(
+                    0, owner[~is_kl], nll_row[~is_kl].detach(), "amax")
+                watched = worst.tolist()
+            else:
+                watched = nll.tolist() if s.stop_on == "nll" else losses
             if all(x < s.early_stop_loss for x in watched) or step == s.steps - 1:
                 break
             opt.zero_grad()

@@ -74,6 +74,22 @@ def test_guard_rejects_an_update_that_raises_heldout_perplexity(tiny, action):
     assert_params_identical(model, before_params)
 
 
+def test_guard_remeasures_perplexity_after_the_weights_change(tiny):
+    """The guard keeps the perplexity before an update per model state: a state it has not seen is measured."""
+    from locate_edit.common import Guard, GuardSettings
+
+    model, tok = tiny("tiny-llama")
+    ref = get_adapter(model).weight_ref(1)
+    W = get_adapter(model).get_weight(ref)
+    guard = Guard(GuardSettings(max_norm_ratio=1e9, max_ppl_increase=0.05, text_chunks=2, text_len=8))
+    zero = {ref: torch.zeros_like(W)}
+    assert guard.check(model, tok, zero) is None  # measures and keeps the unedited perplexity
+    torch.manual_seed(0)
+    with torch.no_grad():
+        W.add_(30 * W.norm() * torch.randn_like(W) / W.numel() ** 0.5)  # the model itself changes
+    assert guard.check(model, tok, zero) is None  # a stale "before" would call this a +5% rise
+
+
 def test_alphaedit_remembers_earlier_edits_until_reset(tiny):
     model, tok = tiny("tiny-llama")
     editor = create_editor("alphaedit", FAST, LAYERS["alphaedit"])

@@ -71,3 +71,89 @@ def test_weight_delta_hook_equals_changed_weight(tiny, name):
         adapter.parameter(ref).add_(adapter.to_stored(ref, delta))
     changed = model(**batch.inputs).logits
     assert torch.allclose(hooked, changed, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_prefix_cached_rows_give_the_full_rows_logits(tiny, name):
+    """The suffix rows, run on the cached prefix, predict the targets exactly as the full rows do; a row split at
+    0 (no prefix) and rows of different lengths included, and the same with a vector added at the split token."""
+    from locate_edit.prefix import split_batch
+    from mend.hooks import add_to_output
+
+    model, tok = tiny(name)
+    adapter = get_adapter(model)
+    batch = make_batch(tok, ["Once upon a time the tower is in", "A", "The long prompt is in"],
+                       [" Rome", " long target", " X"], model)
+    split = torch.tensor([12, 0, 9])
+    rows = split_batch(model, batch, split, min_saving=0.0)
+    assert rows is not None and rows.suffix.inputs["input_ids"].shape[1] < batch.inputs["input_ids"].shape[1]
+    full = forward_target_logits(model, batch)
+    mask = batch.target_mask
+    assert torch.allclose(forward_target_logits(model, rows.batch())[mask], full[mask], atol=1e-5)
+    vec = torch.randn(3, model.config.hidden_size)
+    module = adapter.module(adapter.weight_ref(1))
+    with add_to_output(module, vec, split):
+        full_added = forward_target_logits(model, batch)
+    with add_to_output(module, vec, torch.zeros(3, dtype=torch.long)):
+        cached_added = forward_target_logits(model, rows.batch())
+    assert not torch.allclose(full_added, full)
+    assert torch.allclose(cached_added[mask], full_added[mask], atol=1e-5)
+
+
+def test_prefix_caching_needs_a_decoder_and_a_saving(tiny):
+    from locate_edit.prefix import split_batch
+
+    model, tok = tiny("tiny-t5")
+    batch = make_batch(tok, ["The tower is in"], [" Rome"], model)
+    assert split_batch(model, batch, torch.tensor([5])) is None
+    model, tok = tiny("tiny-llama")
+    batch = make_batch(tok, ["The tower is in"], [" Rome"], model)
+    assert split_batch(model, batch, torch.tensor([1])) is None  # saves one token of twenty
+    assert split_batch(model, batch, torch.tensor([0]), min_saving=0.0) is None  # nothing to cache
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_values_optimised_on_cached_prefixes_equal_the_full_ones(tiny, name, monkeypatch):
+    from locate_edit import values
+    from locate_edit.values import ValueSettings, optimize_values
+    from mend.requests import EditRequest
+
+    used = []
+    real = values.cached_rows
+    monkeypatch.setattr(values, "cached_rows", lambda *a: used.append(real(*a)) or used[-1])
+    model, tok = tiny(name)
+    adapter = get_adapter(model)
+    ref = adapter.weight_ref(1)
+    req = EditRequest(prompt="The {} is located in", subject="Eiffel Tower", target_new=" Rome")
+    templates = ["{}", "Once upon a time there was a story. {}", "It was a dark night. {}"]
+    got = []
+    for cached in (False, True):
+        s = ValueSettings(steps=4, early_stop_loss=0.0, prefix_cache=cached)
+        got.append(optimize_values(model, tok, adapter, [req], templates, adapter.module(ref), ref.layer, s))
+    assert len(used) == 1 and used[0] is not None  # the second run did run on cached prefixes
+    assert got[0].delta.abs().max() > 0
+    assert torch.allclose(got[1].delta, got[0].delta, rtol=1e-4, atol=1e-5)
+    assert got[1].final_loss == pytest.approx(got[0].final_loss, rel=1e-4)
+
+
+def test_prefix_caching_falls_back_to_full_rows_when_it_does_not_reproduce_them(tiny, monkeypatch, caplog):
+    from locate_edit import prefix
+
+    model, tok = tiny("tiny-llama")
+    batch = make_batch(tok, ["Once upon a time the tower is in"], [" Rome"], model)
+    real = prefix.split_batch
+
+    def shifted(*a, **k):  # wrong position ids: not the full rows' computation
+        rows = real(*a, **k)
+        rows.suffix.inputs["position_ids"] = rows.suffix.inputs["position_ids"] + 3
+        return rows
+
+    monkeypatch.setattr(prefix, "_checked", {})
+    monkeypatch.setattr(prefix, "split_batch", shifted)
+    full = forward_target_logits(model, batch)
+    assert prefix.cached_rows(model, batch, torch.tensor([12]), full) is None
+    assert "does not reproduce" in caplog.text
+    assert prefix.cached_rows(model, batch, torch.tensor([12]), full) is None  # decided once per model
+    monkeypatch.setattr(prefix, "_checked", {})
+    monkeypatch.setattr(prefix, "split_batch", real)
+    assert prefix.cached_rows(model, batch, torch.tensor([12]), full) is not None

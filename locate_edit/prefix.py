@@ -1,0 +1,110 @@
+"""Prefix caching for the v* optimisation. δ is added at each row's subject's last token, so in a causal model every
+position before it computes the same thing at every step: those positions run once, with their keys and values
+kept, and each step runs only the rest of the row (from the subject's last token on; on SmolLM2 about a third of
+the tokens of a context template row).
+
+Layout: row i's tokens before its split position ``p_i`` are the prefix (right-padded to ``P = max p_i``), the
+rest is the suffix (right-padded). The suffix's attention mask spans prefix and suffix columns, its position ids
+continue from ``p_i``, so each suffix token sees exactly the tokens it saw in the full row. The split token is the
+suffix's first column in every row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+from transformers import PreTrainedModel
+
+from mend.models import fingerprint
+from mend.scoring import TargetBatch, _is_enc_dec, forward_target_logits, split_head
+
+log = logging.getLogger(__name__)
+
+_checked: dict[str, bool] = {}  # model fingerprint -> whether the cached forward matched the full one
+
+
+@dataclasses.dataclass
+class SuffixBatch:
+    """The suffix rows of a batch, with the prefix's keys and values; :meth:`batch` gives a fresh cache per call
+    (a forward pass appends to it)."""
+
+    suffix: TargetBatch
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    cols: torch.Tensor  # (B, S) column of each suffix token in the full batch (clamped at the row's end)
+    config: object
+
+    def batch(self) -> TargetBatch:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(ddp_cache_data=self.kv, config=self.config)
+        return dataclasses.replace(self.suffix, inputs={**self.suffix.inputs, "past_key_values": cache})
+
+    def take(self, full: torch.Tensor) -> torch.Tensor:
+        """(B, S, ...) suffix positions of a (B, L, ...) tensor computed on the full batch."""
+        idx = self.cols.view(*self.cols.shape, *([1] * (full.ndim - 2))).expand(-1, -1, *full.shape[2:])
+        return full.gather(1, idx)
+
+
+def split_batch(model: PreTrainedModel, batch: TargetBatch, split: torch.Tensor, min_saving: float = 0.2
+                ) -> SuffixBatch | None:
+    """Run the tokens before ``split[i]`` of each row once and return the suffix batch, or None when the model
+    cannot (encoder-decoder, no separate LM head) or the suffix would save less than ``min_saving`` of the tokens."""
+    base, head = split_head(model)
+    if _is_enc_dec(model) or base is None or head is None or "input_ids" not in batch.inputs:
+        return None
+    ids, attn = batch.inputs["input_ids"], batch.inputs["attention_mask"]
+    dev = ids.device
+    split = split.to(dev)
+    lens = attn.sum(1)
+    P, S = int(split.max()), int((lens - split).max())
+    if P == 0 or S > (1 - min_saving) * ids.shape[1]:
+        return None
+    b = ids.shape[0]
+    ar_p, ar_s = torch.arange(P, device=dev), torch.arange(S, device=dev)
+    pre_mask = (ar_p[None] < split[:, None]).long()
+    pre_ids = torch.where(pre_mask.bool(), ids[:, :P], ids[:, :1])
+    # a row whose split is 0 has no prefix: let its padding attend to column 0 so no attention row is empty
+    # (the suffix never sees it: the suffix's mask keeps that column masked)
+    run_mask = pre_mask.clone()
+    run_mask[:, 0] = 1
+    with torch.no_grad():
+        out = base(input_ids=pre_ids, attention_mask=run_mask, position_ids=ar_p[None].expand(b, -1), use_cache=True)
+    kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+    cols = (split[:, None] + ar_s[None]).clamp(max=ids.shape[1] - 1)
+    suf_mask = (ar_s[None] < (lens - split)[:, None]).long()
+    inputs = {"input_ids": ids.gather(1, cols) * suf_mask + ids[:, :1] * (1 - suf_mask),
+              "attention_mask": torch.cat([pre_mask, suf_mask], 1), "position_ids": split[:, None] + ar_s[None]}
+    logit_pos = (batch.logit_pos - split[:, None]).clamp(min=0)
+    suffix = TargetBatch(inputs, batch.target_ids, batch.target_mask, logit_pos, batch.prompt_lens)
+    return SuffixBatch(suffix, kv, cols, model.config)
+
+
+def cached_rows(model: PreTrainedModel, batch: TargetBatch, split: torch.Tensor,
+                full_logits: torch.Tensor) -> SuffixBatch | None:
+    """:func:`split_batch`, checked once per model: the suffix's target logits must match ``full_logits`` (the
+    full batch's, from :func:`mend.scoring.forward_target_logits`, nothing added); if they do not, the model is
+    run in full from then on, with a warning."""
+    fp = fingerprint(model)
+    if _checked.get(fp) is False:
+        return None
+    if fp in _checked:
+        return split_batch(model, batch, split)
+    mask = batch.target_mask
+    try:  # an architecture whose forward takes no position ids or cache is run in full
+        rows = split_batch(model, batch, split)
+        if rows is None:
+            return None
+        with torch.no_grad():
+            got = forward_target_logits(model, rows.batch())[mask].float()
+        problem = None
+        if not torch.allclose(got, full_logits[mask].float(), atol=1e-3, rtol=1e-3):
+            problem = f"max logit error {float((got - full_logits[mask].float()).abs().max()):.3g}"
+    except (TypeError, ValueError, AttributeError, RuntimeError) as e:
+        problem = f"{type(e).__name__}: {e}"
+    _checked[fp] = problem is None
+    if problem:
+        log.warning("prefix caching does not reproduce %s (%s): v* runs the full rows", type(model).__name__, problem)
+        return None
+    return rows
