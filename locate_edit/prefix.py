@@ -17,8 +17,9 @@ import logging
 import torch
 from transformers import PreTrainedModel
 
+from mend.adapters.partial import cache_kv, kv_cache, prefix_cache_applies
 from mend.models import fingerprint
-from mend.scoring import TargetBatch, _is_enc_dec, forward_target_logits, split_head
+from mend.scoring import TargetBatch, forward_target_logits, split_head
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +34,9 @@ class SuffixBatch:
     suffix: TargetBatch
     kv: list[tuple[torch.Tensor, torch.Tensor]]
     cols: torch.Tensor  # (B, S) column of each suffix token in the full batch (clamped at the row's end)
-    config: object
 
     def batch(self) -> TargetBatch:
-        from transformers import DynamicCache
-
-        cache = DynamicCache(ddp_cache_data=self.kv, config=self.config)
-        return dataclasses.replace(self.suffix, inputs={**self.suffix.inputs, "past_key_values": cache})
+        return dataclasses.replace(self.suffix, inputs={**self.suffix.inputs, "past_key_values": kv_cache(self.kv)})
 
     def take(self, full: torch.Tensor) -> torch.Tensor:
         """(B, S, ...) suffix positions of a (B, L, ...) tensor computed on the full batch."""
@@ -52,9 +49,9 @@ def split_batch(model: PreTrainedModel, batch: TargetBatch, split: torch.Tensor,
     """Run the tokens before ``split[i]`` of each row once and return the suffix batch, or None when the model
     cannot (encoder-decoder, no separate LM head) or the suffix would save less than ``min_saving`` of the tokens."""
     base, head = split_head(model)
-    if _is_enc_dec(model) or base is None or head is None or "input_ids" not in batch.inputs:
+    ids, attn = batch.inputs.get("input_ids"), batch.inputs.get("attention_mask")
+    if base is None or head is None or ids is None or not prefix_cache_applies(model, ids.shape[1]):
         return None
-    ids, attn = batch.inputs["input_ids"], batch.inputs["attention_mask"]
     dev = ids.device
     split = split.to(dev)
     lens = attn.sum(1)
@@ -71,14 +68,14 @@ def split_batch(model: PreTrainedModel, batch: TargetBatch, split: torch.Tensor,
     run_mask[:, 0] = 1
     with torch.no_grad():
         out = base(input_ids=pre_ids, attention_mask=run_mask, position_ids=ar_p[None].expand(b, -1), use_cache=True)
-    kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+    kv = cache_kv(out.past_key_values)
     cols = (split[:, None] + ar_s[None]).clamp(max=ids.shape[1] - 1)
     suf_mask = (ar_s[None] < (lens - split)[:, None]).long()
     inputs = {"input_ids": ids.gather(1, cols) * suf_mask + ids[:, :1] * (1 - suf_mask),
               "attention_mask": torch.cat([pre_mask, suf_mask], 1), "position_ids": split[:, None] + ar_s[None]}
     logit_pos = (batch.logit_pos - split[:, None]).clamp(min=0)
     suffix = TargetBatch(inputs, batch.target_ids, batch.target_mask, logit_pos, batch.prompt_lens)
-    return SuffixBatch(suffix, kv, cols, model.config)
+    return SuffixBatch(suffix, kv, cols)
 
 
 def cached_rows(model: PreTrainedModel, batch: TargetBatch, split: torch.Tensor,

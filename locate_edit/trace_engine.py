@@ -23,7 +23,14 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from locate_edit.trace import FactRun, State, Tracer, TraceSettings
-from mend.adapters.partial import block_output_len, start_at_layer, supports_partial
+from mend.adapters.partial import (
+    block_output_len,
+    cache_kv,
+    kv_cache,
+    prefix_cache_applies,
+    start_at_layer,
+    supports_partial,
+)
 from mend.hooks import replace_output
 from mend.scoring import split_head
 
@@ -48,8 +55,7 @@ def restored_probs(tr: Tracer, run: FactRun, todo: Sequence[tuple[str, int, int]
 
 def prefix_engine_applies(tr: Tracer, seq_len: int) -> bool:
     """Decoder-only models whose blocks can be skipped, on prompts within any sliding attention window."""
-    window = getattr(tr.model.config, "sliding_window", None)
-    return not tr.enc_dec and supports_partial(tr.adapter) and (window is None or seq_len <= window)
+    return prefix_cache_applies(tr.model, seq_len) and supports_partial(tr.adapter)
 
 
 @contextlib.contextmanager
@@ -107,15 +113,13 @@ def _corrupted_internals(tr: Tracer, run: FactRun) -> tuple[torch.Tensor, list[t
     finally:
         for h in handles:
             h.remove()
-    kv = [(layer.keys, layer.values) for layer in cache.layers]
+    kv = cache_kv(cache)
     return torch.stack([seen[j] for j in range(tr.n_layers)], 1), kv
 
 
 @torch.inference_mode()
 def _prefix_probs(tr: Tracer, run: FactRun, sets: Sequence[Sequence[State]], s: TraceSettings) -> torch.Tensor:
     """:func:`probs_with_states` for single-token sets on a decoder-only model, computing only what changes."""
-    from transformers import DynamicCache
-
     S, T = run.noisy.shape[:2]
     block_in, kv = _corrupted_internals(tr, run)
     first = [min(j for _, j, _ in st) for st in sets]  # first block each restoration changes
@@ -133,7 +137,7 @@ def _prefix_probs(tr: Tracer, run: FactRun, sets: Sequence[Sequence[State]], s: 
             chunk = rows[lo:lo + per]
             idx = torch.tensor([smp for _, smp in chunk], device=dev)
             hidden = block_in[idx, start, t:]  # (B, T - t, d): the corrupted input of block `start`
-            past = DynamicCache(ddp_cache_data=[(k[idx, :, :t], v[idx, :, :t]) for k, v in kv]) if t else None
+            past = kv_cache([(k[idx, :, :t], v[idx, :, :t]) for k, v in kv]) if t else None
             patches: dict[tuple[str, int], list[tuple[int, int]]] = defaultdict(list)
             for b, (i, _) in enumerate(chunk):
                 for k, j, tt in sets[i]:

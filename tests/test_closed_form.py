@@ -167,3 +167,37 @@ def test_rome_with_realized_values_edits_in_both_key_modes(tiny):
         result = create_editor(name, FAST, LAYERS[name], {"realized_values": True}).edit(model, tok, REQS[:1])
         (d,) = result.deltas.values()
         assert torch.isfinite(d).all() and d.abs().max() > 0
+
+
+def test_value_stop_on_nll_max_waits_for_the_worst_template(tiny):
+    """``stop_on: nll_max`` stops once every template's target NLL is below the threshold, so it never stops
+    before ``nll`` (the mean) does; an unknown criterion is a configuration error."""
+    from locate_edit import values
+    from mend.errors import ConfigError
+
+    model, tok = tiny("tiny-llama")
+    adapter = get_adapter(model)
+    ref = adapter.weight_ref(1, "mlp_out")
+    templates = ["{}", "Once upon a time. {}", "It rained all day long in the old town. {}"]
+    def run(stop_on, threshold, steps):
+        s = values.ValueSettings(steps=steps, weight_decay=0.0, kl_factor=0.0, early_stop_loss=threshold,
+                                 stop_on=stop_on)
+        return values.optimize_values(model, tok, adapter, REQS[:1], templates, adapter.module(ref), ref.layer, s)
+
+    mean0 = run("nll", 0.0, 1).final_loss[0]  # the templates' mean NLL before any step (their NLLs differ)
+    threshold = mean0 + 1e-3
+    assert run("nll", threshold, 20).steps == [1]
+    assert run("nll_max", threshold, 20).steps[0] > 1
+    with pytest.raises(ConfigError, match="stop_on"):
+        values.optimize_values(model, tok, adapter, REQS[:1], templates, adapter.module(ref), ref.layer,
+                               values.ValueSettings(stop_on="nl"))
+
+
+def test_rome_ridge_option_reaches_the_solver(tiny):
+    model, tok = tiny("tiny-llama")
+    norms = []
+    for ridge in (0.0, 1e3):
+        result = create_editor("r-rome", FAST, LAYERS["r-rome"], {"ridge": ridge}).edit(model, tok, REQS[:1])
+        (d,) = result.deltas.values()
+        norms.append(float(d.norm()))
+    assert 0 < norms[1] < norms[0]

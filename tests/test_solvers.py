@@ -96,6 +96,21 @@ def test_rome_identity_c_is_minimum_norm_rank_one(setup):
     assert rel(dW, expected) < 1e-10
 
 
+def test_rome_ridge_keeps_the_constraint_and_shrinks_the_update(setup):
+    """ROME on ``C + ridge·tr(C)/d·I`` (the ``ridge`` option) still writes ``v`` at the key exactly; its Frobenius
+    norm falls as the ridge grows, towards the minimum-norm update (identity C)."""
+    g, C, W = setup
+    k, v = _randn(D_IN, g=g), _randn(D_OUT, g=g)
+    norms = []
+    for ridge in (0.0, 0.1, 1.0, 1e6):
+        dW = rome_update(W, regularize(C, ridge) if ridge else C, k, v)
+        assert rel((W + dW) @ k, v) < 1e-10
+        norms.append(float(torch.linalg.norm(dW)))
+    assert norms[0] > norms[1] > norms[2] > norms[3]
+    minimum = torch.outer(v - W @ k, k) / (k @ k)
+    assert norms[3] == pytest.approx(float(torch.linalg.norm(minimum)), rel=1e-4)
+
+
 def test_r_rome_equals_emmet_with_one_key(setup):
     g, C, W = setup
     k, v = _randn(D_IN, g=g), _randn(D_OUT, g=g)

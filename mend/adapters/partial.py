@@ -84,6 +84,26 @@ def block_output_len(adapter: ModelAdapter, layer: int, stack: str | None = None
     return seen[0]
 
 
+def prefix_cache_applies(model: nn.Module, seq_len: int) -> bool:
+    """Whether keys and values cached from a prefix run give a later pass the same attention as the whole
+    sequence: decoder-only models, on sequences within any sliding attention window."""
+    cfg = model.config
+    window = getattr(cfg, "sliding_window", None)
+    return not getattr(cfg, "is_encoder_decoder", False) and (window is None or seq_len <= window)
+
+
+def cache_kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer (keys, values) of a transformers cache, each (batch, heads, positions, d_head)."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def kv_cache(kv: list[tuple[torch.Tensor, torch.Tensor]]):
+    """A fresh transformers cache holding ``kv`` (a forward pass appends to it, so build one per pass)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(ddp_cache_data=kv)
+
+
 def supports_partial(adapter: ModelAdapter) -> bool:
     """Blocks are independent of each other's extra outputs (not T5, whose first block makes the position bias)."""
     return not adapter.is_encoder_decoder
