@@ -72,6 +72,26 @@ class StatsCache:
         return {r: self._mem[(fp, r.param)] for r in refs}
 
 
+class KeyMemory:
+    """Σ K Kᵀ of the keys of earlier edits, per weight, kept across ``edit`` calls until :meth:`reset` (sequential
+    editing: AlphaEdit's preserved keys, ROME's ``memory``)."""
+
+    def __init__(self):
+        self._sums: dict[str, torch.Tensor] = {}
+
+    def reset(self) -> None:
+        self._sums = {}
+
+    def get(self, ref: WeightRef) -> torch.Tensor | None:
+        return self._sums.get(ref.param)
+
+    def add(self, ref: WeightRef, K: torch.Tensor) -> None:
+        """Remember the keys ``K`` (d_in, n)."""
+        K = K.double()
+        prev = self._sums.get(ref.param)
+        self._sums[ref.param] = K @ K.T + (0 if prev is None else prev)
+
+
 class Guard:
     """Checks each update before it is kept (see :class:`GuardSettings`); holds the held-out text per model."""
 

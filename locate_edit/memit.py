@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from locate_edit.common import ClosedFormSettings, Guard, StatsCache, prepare_closed_form
+from locate_edit.common import ClosedFormSettings, Guard, KeyMemory, StatsCache, prepare_closed_form
 from locate_edit.keys import context_templates, module_io_at, request_keys, subject_rows
 from locate_edit.layer_choice import resolve_layers
 from locate_edit.solvers import alphaedit_update, emmet_update, memit_update, null_space_projector
@@ -62,10 +62,10 @@ class MEMITEditor(Editor):
         self._stats = StatsCache(self.config.stats)
         self._guard = Guard(self.config.guard)
         self._projectors: dict[str, torch.Tensor] = {}
-        self._edited_keys: dict[str, torch.Tensor] = {}  # AlphaEdit: Σ K_p K_pᵀ of earlier edits, per weight
+        self._memory = KeyMemory()  # AlphaEdit: Σ K_p K_pᵀ of earlier edits, per weight
 
     def reset(self) -> None:
-        self._edited_keys = {}
+        self._memory.reset()
 
     def _refs(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[WeightRef]:
         adapter = get_adapter(model)
@@ -111,8 +111,7 @@ class MEMITEditor(Editor):
             diag["rejected"], deltas = [reason], {}
         if cfg.solver == "alphaedit" and deltas:
             for ref, K in keys.items():
-                prev = self._edited_keys.get(ref.param)
-                self._edited_keys[ref.param] = K @ K.T + (0 if prev is None else prev)
+                self._memory.add(ref, K)
         return EditResult(deltas, diag, time.perf_counter() - t0)
 
     def _solve(self, ref: WeightRef, W: torch.Tensor, C: torch.Tensor, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
@@ -124,7 +123,7 @@ class MEMITEditor(Editor):
             return emmet_update(W.double(), C, K, W.double() @ K + R, lam)
         if ref.param not in self._projectors:
             self._projectors[ref.param] = null_space_projector(C, cfg.null_threshold, cfg.null_relative)
-        return alphaedit_update(self._projectors[ref.param], K, R, self._edited_keys.get(ref.param), cfg.l2)
+        return alphaedit_update(self._projectors[ref.param], K, R, self._memory.get(ref), cfg.l2)
 
 
 @dataclass

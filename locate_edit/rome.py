@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from locate_edit.common import ClosedFormSettings, Guard, StatsCache, prepare_closed_form
+from locate_edit.common import ClosedFormSettings, Guard, KeyMemory, StatsCache, prepare_closed_form
 from locate_edit.keys import context_templates, request_keys
 from locate_edit.layer_choice import resolve_layers
 from locate_edit.solvers import regularize, rome_direction, rome_update
@@ -37,6 +37,9 @@ class ROMEConfig(ClosedFormSettings):
     # C + ridge · tr(C)/d · I in place of C: also penalises the update's Frobenius norm (the norm constraint of
     # Gupta et al. 2025, "Lifelong knowledge editing requires better regularization"); 0: plain C
     ridge: float = 0.0
+    # sequential use: C + memory · Σ k kᵀ over the keys of the earlier edits (since reset()), so that an edit mostly
+    # leaves earlier edits' keys, and the direction they share, alone (AlphaEdit keeps them the same way); 0: off
+    memory: float = 0.0
     value: ValueSettings = field(default_factory=ValueSettings)
 
 
@@ -51,6 +54,10 @@ class ROMEEditor(Editor):
             raise ConfigError(f"key_mode must be prompt or average, got '{self.config.key_mode}'")
         self._stats = StatsCache(self.config.stats)
         self._guard = Guard(self.config.guard)
+        self._memory = KeyMemory()
+
+    def reset(self) -> None:
+        self._memory.reset()
 
     def prepare(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
         layer = resolve_layers(self.config.layer, model, tokenizer, many=False)
@@ -61,14 +68,16 @@ class ROMEEditor(Editor):
         t0 = time.perf_counter()
         adapter = get_adapter(model)
         ref = adapter.weight_ref(resolve_layers(cfg.layer, model, tokenizer, many=False), cfg.kind)
-        C = self._stats.get(model, tokenizer, [ref])[ref]
+        C0 = self._stats.get(model, tokenizer, [ref])[ref]
         if cfg.ridge:
-            C = regularize(C, cfg.ridge)
+            C0 = regularize(C0, cfg.ridge)
         templates = context_templates(model, tokenizer, cfg.templates.spec, cfg.templates.seed)
         total = None
         diag: dict = {"steps": [], "loss": [], "rejected": []}
         with trial_edits(model, adapter) as apply:
             for req in requests:  # each edit sees the previous ones
+                earlier = self._memory.get(ref) if cfg.memory else None
+                C = C0 if earlier is None else C0 + cfg.memory * earlier
                 k_avg, k_own = request_keys(model, tokenizer, adapter, ref, [req], templates)
                 W = adapter.get_weight(ref).detach()
                 k_norm = k_own if cfg.key_mode == "prompt" else k_avg
@@ -88,6 +97,8 @@ class ROMEEditor(Editor):
                     diag["rejected"].append(reason)
                     continue
                 total = d if total is None else total + d
+                if cfg.memory:
+                    self._memory.add(ref, k_norm[0][:, None])
                 if len(requests) > 1:
                     apply(EditResult({ref: d}))
         deltas = {} if total is None else {ref: total}

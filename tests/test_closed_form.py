@@ -90,13 +90,32 @@ def test_guard_remeasures_perplexity_after_the_weights_change(tiny):
     assert guard.check(model, tok, zero) is None  # a stale "before" would call this a +5% rise
 
 
-def test_alphaedit_remembers_earlier_edits_until_reset(tiny):
+@pytest.mark.parametrize(("name", "options"), [("alphaedit", {}), ("r-rome", {"memory": 1.0})])
+def test_editors_remember_earlier_edits_until_reset(tiny, name, options):
     model, tok = tiny("tiny-llama")
-    editor = create_editor("alphaedit", FAST, LAYERS["alphaedit"])
+    editor = create_editor(name, FAST, LAYERS[name], options)
     editor.edit(model, tok, REQS[:1])
-    assert editor._edited_keys
+    assert editor._memory._sums
     editor.reset()
-    assert not editor._edited_keys
+    assert not editor._memory._sums
+
+
+def test_rome_memory_keeps_earlier_edits_keys(tiny):
+    """With ``memory``, a second edit changes the module's output at the first edit's key far less than without."""
+    from locate_edit.keys import context_templates, request_keys
+
+    changes = []
+    for memory in (0.0, 1e3):
+        model, tok = tiny("tiny-llama")
+        adapter = get_adapter(model)
+        editor = create_editor("r-rome", FAST, LAYERS["r-rome"], {"memory": memory})
+        ref = adapter.weight_ref(LAYERS["r-rome"]["layer"], "mlp_out")
+        templates = context_templates(model, tok, [[4, 2]], 0)
+        k1 = request_keys(model, tok, adapter, ref, REQS[:1], templates)[0][0]
+        apply_edit(model, editor.edit(model, tok, REQS[:1]))
+        (d2,) = editor.edit(model, tok, REQS[1:2]).deltas.values()
+        changes.append(float((d2.double() @ k1.double()).norm() / d2.double().norm()))
+    assert changes[1] < 0.1 * changes[0]
 
 
 def test_rome_single_request_is_rank_one(tiny):
