@@ -4,7 +4,7 @@ k* is the key at the subject's last token averaged over context templates, v* = 
 request prompt's own key k_p plus δ optimised there, locate_edit.values), and ΔW = (v* − W k) (C⁻¹k*)ᵀ /
 ((C⁻¹k*)ᵀ k), so that (W + ΔW) k = v*. ``key_mode`` picks k: ``prompt`` — k_p, as the reference ROME code does;
 ``average`` — k* itself, r-ROME's consistent use of the averaged key (Gupta et al.'s code: ``cur_input`` and
-``cur_output`` averaged over the templates, the target still the prompt's output plus δ). ``realized_values``
+``cur_output`` averaged over the templates, the target still the prompt's output plus δ; ``v_base: key`` makes it W k* + δ). ``realized_values``
 optimises δ through the update it becomes (``locate_edit.values.Realized``). Several requests are applied one
 after another (each on top of the last).
 """
@@ -40,6 +40,9 @@ class ROMEConfig(ClosedFormSettings):
     # sequential use: C + memory · Σ k kᵀ over the keys of the earlier edits (since reset()), so that an edit mostly
     # leaves earlier edits' keys, and the direction they share, alone (AlphaEdit keeps them the same way); 0: off
     memory: float = 0.0
+    # v* = W k_base + δ: prompt — k_base the bare prompt's own key (both reference codes); key — the key the update
+    # is normalised by (r-ROME: the averaged key, whose update is then δ ⊗ direction, without W(k_prompt − k*))
+    v_base: str = "prompt"
     value: ValueSettings = field(default_factory=ValueSettings)
 
 
@@ -52,6 +55,8 @@ class ROMEEditor(Editor):
         super().__init__(config)
         if self.config.key_mode not in ("prompt", "average"):
             raise ConfigError(f"key_mode must be prompt or average, got '{self.config.key_mode}'")
+        if self.config.v_base not in ("prompt", "key"):
+            raise ConfigError(f"v_base must be prompt or key, got '{self.config.v_base}'")
         self._stats = StatsCache(self.config.stats)
         self._guard = Guard(self.config.guard)
         self._memory = KeyMemory()
@@ -81,14 +86,15 @@ class ROMEEditor(Editor):
                 k_avg, k_own = request_keys(model, tokenizer, adapter, ref, [req], templates)
                 W = adapter.get_weight(ref).detach()
                 k_norm = k_own if cfg.key_mode == "prompt" else k_avg
+                k_base = k_own if cfg.v_base == "prompt" else k_norm
                 realized = None
-                if cfg.realized_values:  # the update is (W k_own + δ − W k_norm) ⊗ direction
-                    offset = (W.double() @ (k_own[0] - k_norm[0]).double()).float()
+                if cfg.realized_values:  # the update is (W k_base + δ − W k_norm) ⊗ direction
+                    offset = (W.double() @ (k_base[0] - k_norm[0]).double()).float()
                     realized = Realized(rome_direction(C, k_avg[0], k_norm[0])[None].float(), offset[None])
                 vals = optimize_values(model, tokenizer, adapter, [req], templates, adapter.module(ref), ref.layer,
                                        cfg.value, realized)
-                # v* = the bare prompt's output plus δ in both modes (see the module docstring)
-                v = (W.double() @ k_own[0].double()).float() + vals.delta[0]
+                # v* = the bare prompt's output plus δ in both modes unless v_base=key (see the module docstring)
+                v = (W.double() @ k_base[0].double()).float() + vals.delta[0]
                 d = rome_update(W.float(), C, k_avg[0], v, k_norm[0])
                 diag["steps"].append(vals.steps[0])
                 diag["loss"].append(vals.final_loss[0])

@@ -220,3 +220,20 @@ def test_rome_ridge_option_reaches_the_solver(tiny):
         (d,) = result.deltas.values()
         norms.append(float(d.norm()))
     assert 0 < norms[1] < norms[0]
+
+
+def test_rome_v_base_key(tiny):
+    """``v_base: key`` takes v* from the key the update is normalised by: for ROME (normalised by the prompt's own
+    key) that changes nothing, for r-ROME (the averaged key) it does; an unknown base is refused."""
+    from mend.errors import ConfigError
+
+    got = {}
+    for name in ("rome", "r-rome"):
+        for base in ("prompt", "key"):
+            model, tok = tiny("tiny-llama")
+            (d,) = create_editor(name, FAST, LAYERS[name], {"v_base": base}).edit(model, tok, REQS[:1]).deltas.values()
+            got[name, base] = d
+    assert torch.allclose(got["rome", "key"], got["rome", "prompt"], rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(got["r-rome", "key"], got["r-rome", "prompt"], rtol=1e-3, atol=1e-6)
+    with pytest.raises(ConfigError, match="v_base"):
+        create_editor("r-rome", FAST, LAYERS["r-rome"], {"v_base": "average"})
