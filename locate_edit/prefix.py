@@ -84,10 +84,8 @@ def cached_rows(model: PreTrainedModel, batch: TargetBatch, split: torch.Tensor,
     full batch's, from :func:`mend.scoring.forward_target_logits`, nothing added); if they do not, the model is
     run in full from then on, with a warning."""
     fp = fingerprint(model)
-    if _checked.get(fp) is False:
-        return None
     if fp in _checked:
-        return split_batch(model, batch, split)
+        return split_batch(model, batch, split) if _checked[fp] else None
     mask = batch.target_mask
     try:  # an architecture whose forward takes no position ids or cache is run in full
         rows = split_batch(model, batch, split)

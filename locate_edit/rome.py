@@ -4,9 +4,9 @@ k* is the key at the subject's last token averaged over context templates, v* = 
 request prompt's own key k_p plus δ optimised there, locate_edit.values), and ΔW = (v* − W k) (C⁻¹k*)ᵀ /
 ((C⁻¹k*)ᵀ k), so that (W + ΔW) k = v*. ``key_mode`` picks k: ``prompt`` — k_p, as the reference ROME code does;
 ``average`` — k* itself, r-ROME's consistent use of the averaged key (Gupta et al.'s code: ``cur_input`` and
-``cur_output`` averaged over the templates, the target still the prompt's output plus δ; ``v_base: key`` makes it W k* + δ). ``realized_values``
-optimises δ through the update it becomes (``locate_edit.values.Realized``). Several requests are applied one
-after another (each on top of the last).
+``cur_output`` averaged over the templates, the target still the prompt's output plus δ; ``v_base: key`` makes
+it W k* + δ). ``realized_values`` optimises δ through the update it becomes (``locate_edit.values.Realized``).
+Several requests are applied one after another (each on top of the last).
 """
 
 from __future__ import annotations

@@ -5,7 +5,9 @@ in every context template and optimised with Adam on
     Σᵢ [ mean NLL(targetᵢ) + kl_factor · KL(p ‖ p₀ on "{subject} is a") + weight_decay · ‖δᵢ‖ / ‖v₀ᵢ‖² ],
 
 clamped to ‖δᵢ‖ ≤ clamp_norm_factor · ‖v₀ᵢ‖ (Meng et al. 2022, eq. 4 and reference code). The blocks below the
-edited one do not depend on δ: their output is computed once and every step runs only the blocks above.
+edited one do not depend on δ: their output is computed once and every step runs only the blocks above. Nor do
+the tokens before each row's subject: they run once, their keys and values are kept, and every step runs only the
+rest of the row (``prefix_cache``, locate_edit.prefix).
 
 ``Realized`` (ROME's ``realized_values``): δ is optimised as the rank-one update will write it. An update
 ΔW = (δ + c) uᵀ changes the module's output at a row whose key is k by (uᵀk)(δ + c), not by δ: with
