@@ -45,6 +45,9 @@ class ValueSettings:
     # loss: the whole objective (reference code); nll: the target's NLL averaged over the templates; nll_max: the
     # target's NLL at the worst template (the bare prompt included)
     stop_on: str = "loss"
+    # and, when set, only once the request's own (bare) prompt has a target NLL below this: its key can lie far
+    # from the averaged key, so the mean over templates may be low while the prompt itself is not yet edited
+    prompt_nll: float | None = None
     kl_prompt: str = "{} is a"
     chunk: int = 8  # requests optimised together in one batch
     # run the tokens before each row's subject once and keep their keys and values (locate_edit.prefix)
@@ -166,7 +169,10 @@ def _optimize_chunk(model, tok, adapter, requests, templates, module, layer, s: 
                 watched = worst.tolist()
             else:
                 watched = nll.tolist() if s.stop_on == "nll" else losses
-            if all(x < s.early_stop_loss for x in watched) or step == s.steps - 1:
+            done = all(x < s.early_stop_loss for x in watched)
+            if done and s.prompt_nll is not None:
+                done = bool((nll_row[first] < s.prompt_nll).all())
+            if done or step == s.steps - 1:
                 break
             opt.zero_grad()
             per_req.sum().backward()

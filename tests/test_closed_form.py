@@ -212,6 +212,25 @@ def test_value_stop_on_nll_max_waits_for_the_worst_template(tiny):
                                values.ValueSettings(stop_on="nl"))
 
 
+def test_value_prompt_nll_also_waits_for_the_request_prompt(tiny):
+    """``prompt_nll`` adds a condition to the stop: the bare prompt's target NLL must be below it too, so a
+    threshold it cannot reach runs every step and one it already meets changes nothing."""
+    from locate_edit import values
+
+    model, tok = tiny("tiny-llama")
+    adapter = get_adapter(model)
+    ref = adapter.weight_ref(1, "mlp_out")
+    templates = ["{}", "Once upon a time. {}"]
+    def run(prompt_nll):
+        s = values.ValueSettings(steps=5, weight_decay=0.0, kl_factor=0.0, early_stop_loss=1e9, stop_on="nll",
+                                 prompt_nll=prompt_nll)
+        return values.optimize_values(model, tok, adapter, REQS[:1], templates, adapter.module(ref), ref.layer, s)
+
+    assert run(None).steps == [1]
+    assert run(1e9).steps == [1]
+    assert run(0.0).steps == [5]
+
+
 def test_rome_ridge_option_reaches_the_solver(tiny):
     model, tok = tiny("tiny-llama")
     norms = []
