@@ -188,43 +188,40 @@ def test_rome_with_realized_values_edits_in_both_key_modes(tiny):
         assert torch.isfinite(d).all() and d.abs().max() > 0
 
 
-def test_value_stop_on_nll_max_waits_for_the_worst_template(tiny):
-    """``stop_on: nll_max`` stops once every template's target NLL is below the threshold, so it never stops
-    before ``nll`` (the mean) does; an unknown criterion is a configuration error."""
+def _optimize_one(tiny, templates, **settings):
+    """v* for the first request on tiny Llama's layer 1, without weight decay or KL (only the NLL moves δ)."""
     from locate_edit import values
-    from mend.errors import ConfigError
 
     model, tok = tiny("tiny-llama")
     adapter = get_adapter(model)
     ref = adapter.weight_ref(1, "mlp_out")
+    s = values.ValueSettings(weight_decay=0.0, kl_factor=0.0, **settings)
+    return values.optimize_values(model, tok, adapter, REQS[:1], templates, adapter.module(ref), ref.layer, s)
+
+
+def test_value_stop_on_nll_max_waits_for_the_worst_template(tiny):
+    """``stop_on: nll_max`` stops once every template's target NLL is below the threshold, so it never stops
+    before ``nll`` (the mean) does; an unknown criterion is a configuration error."""
+    from mend.errors import ConfigError
+
     templates = ["{}", "Once upon a time. {}", "It rained all day long in the old town. {}"]
     def run(stop_on, threshold, steps):
-        s = values.ValueSettings(steps=steps, weight_decay=0.0, kl_factor=0.0, early_stop_loss=threshold,
-                                 stop_on=stop_on)
-        return values.optimize_values(model, tok, adapter, REQS[:1], templates, adapter.module(ref), ref.layer, s)
+        return _optimize_one(tiny, templates, steps=steps, early_stop_loss=threshold, stop_on=stop_on)
 
     mean0 = run("nll", 0.0, 1).final_loss[0]  # the templates' mean NLL before any step (their NLLs differ)
     threshold = mean0 + 1e-3
     assert run("nll", threshold, 20).steps == [1]
     assert run("nll_max", threshold, 20).steps[0] > 1
     with pytest.raises(ConfigError, match="stop_on"):
-        values.optimize_values(model, tok, adapter, REQS[:1], templates, adapter.module(ref), ref.layer,
-                               values.ValueSettings(stop_on="nl"))
+        run("nl", threshold, 1)
 
 
 def test_value_prompt_nll_also_waits_for_the_request_prompt(tiny):
     """``prompt_nll`` adds a condition to the stop: the bare prompt's target NLL must be below it too, so a
     threshold it cannot reach runs every step and one it already meets changes nothing."""
-    from locate_edit import values
-
-    model, tok = tiny("tiny-llama")
-    adapter = get_adapter(model)
-    ref = adapter.weight_ref(1, "mlp_out")
-    templates = ["{}", "Once upon a time. {}"]
     def run(prompt_nll):
-        s = values.ValueSettings(steps=5, weight_decay=0.0, kl_factor=0.0, early_stop_loss=1e9, stop_on="nll",
-                                 prompt_nll=prompt_nll)
-        return values.optimize_values(model, tok, adapter, REQS[:1], templates, adapter.module(ref), ref.layer, s)
+        return _optimize_one(tiny, ["{}", "Once upon a time. {}"], steps=5, early_stop_loss=1e9, stop_on="nll",
+                             prompt_nll=prompt_nll)
 
     assert run(None).steps == [1]
     assert run(1e9).steps == [1]
