@@ -1,13 +1,15 @@
 """Values: the vector a module should output at the subject's last token so that the model predicts the new
 target (ROME's v*, MEMIT's z). A delta δᵢ per request is added to ``module``'s output at the subject's last token
-in every context template and optimised with Adam on
+in every context template and optimised (Adam as in the reference, or ``optimizer: gd``) on
 
     Σᵢ [ mean NLL(targetᵢ) + kl_factor · KL(p ‖ p₀ on "{subject} is a") + weight_decay · ‖δᵢ‖ / ‖v₀ᵢ‖² ],
 
 clamped to ‖δᵢ‖ ≤ clamp_norm_factor · ‖v₀ᵢ‖ (Meng et al. 2022, eq. 4 and reference code). The blocks below the
 edited one do not depend on δ: their output is computed once and every step runs only the blocks above. Nor do
 the tokens before each row's subject: they run once, their keys and values are kept, and every step runs only the
-rest of the row (``prefix_cache``, locate_edit.prefix).
+rest of the row (``prefix_cache``, locate_edit.prefix). ``shrink_steps`` then scales each δ that met the stop down
+to the smallest fraction that still meets it (the last Adam step overshoots; an update's effect on other text
+grows with ‖δ‖, and in sequential use the excess of every edit adds up).
 
 ``Realized`` (ROME's ``realized_values``): δ is optimised as the rank-one update will write it. An update
 ΔW = (δ + c) uᵀ changes the module's output at a row whose key is k by (uᵀk)(δ + c), not by δ: with
@@ -48,6 +50,12 @@ class ValueSettings:
     # and, when set, only once the request's own (bare) prompt has a target NLL below this: its key can lie far
     # from the averaged key, so the mean over templates may be low while the prompt itself is not yet edited
     prompt_nll: float | None = None
+    # after the stop, scale each δ down to the smallest fraction that still meets it (bisection, this many extra
+    # forward passes; 0: off): the last Adam step overshoots, and in sequential use every edit's excess adds up
+    shrink_steps: int = 0
+    # adam (reference): per-coordinate steps of lr; gd: steps of lr · ‖v₀‖ along the gradient, which reach the
+    # same NLL with a shorter δ where the gradient has a few large coordinates
+    optimizer: str = "adam"
     kl_prompt: str = "{} is a"
     chunk: int = 8  # requests optimised together in one batch
     # run the tokens before each row's subject once and keep their keys and values (locate_edit.prefix)
@@ -143,41 +151,70 @@ def _optimize_chunk(model, tok, adapter, requests, templates, module, layer, s: 
         hidden_in = rows.take(hidden_in) if partial else None
 
     delta = torch.zeros_like(init, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=s.lr)
+    if s.optimizer not in ("adam", "gd"):
+        raise ConfigError(f"value.optimizer must be adam or gd, got '{s.optimizer}'")
+    opt = torch.optim.Adam([delta], lr=s.lr) if s.optimizer == "adam" else None
     max_norm = s.clamp_norm_factor * init.norm(dim=1)  # (n,)
     counts = torch.bincount(owner[~is_kl], minlength=n).float()
     steps, losses = [0] * n, [float("inf")] * n
     ctx = start_at_layer(adapter, layer, hidden_in) if partial else contextlib.nullcontext()
+
+    def objective(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each request's loss and whether it meets the stop, with deltas ``d`` (n, d_model)."""
+        with add_to_output(module, (gain * (d[owner] + offset)).to(out0.dtype), step_pos):
+            # (rows, T, V) at target positions only
+            tlogits = forward_target_logits(model, batch if rows is None else rows.batch())
+        lp = logprobs_at_targets(tlogits, batch)  # (rows, T)
+        nll_row = -(lp.sum(1) / batch.target_mask.sum(1))
+        nll = torch.zeros(n, device=dev).index_add(0, owner[~is_kl], nll_row[~is_kl]) / counts
+        kl_logp = torch.log_softmax(tlogits[kl_rows, 0].float(), -1)
+        kl = (kl_logp.exp() * (kl_logp - kl_logp0)).sum(-1)  # KL(p ‖ p0), one per request
+        wd = d.norm(dim=1) / init.norm(dim=1) ** 2
+        per_req = nll + s.kl_factor * kl + s.weight_decay * wd
+        if s.stop_on == "nll_max":
+            watched = torch.full((n,), -torch.inf, device=dev).scatter_reduce(
+                0, owner[~is_kl], nll_row[~is_kl].detach(), "amax")
+        else:
+            watched = (nll if s.stop_on == "nll" else per_req).detach()
+        met = watched < s.early_stop_loss
+        if s.prompt_nll is not None:
+            met &= nll_row[first].detach() < s.prompt_nll
+        return per_req, met
+
     with ctx:
+        met = torch.zeros(n, dtype=torch.bool, device=dev)
         for step in range(s.steps):
-            with add_to_output(module, (gain * (delta[owner] + offset)).to(out0.dtype), step_pos):
-                # (rows, T, V) at target positions only
-                tlogits = forward_target_logits(model, batch if rows is None else rows.batch())
-            lp = logprobs_at_targets(tlogits, batch)  # (rows, T)
-            nll_row = -(lp.sum(1) / batch.target_mask.sum(1))
-            nll = torch.zeros(n, device=dev).index_add(0, owner[~is_kl], nll_row[~is_kl]) / counts
-            kl_logp = torch.log_softmax(tlogits[kl_rows, 0].float(), -1)
-            kl = (kl_logp.exp() * (kl_logp - kl_logp0)).sum(-1)  # KL(p ‖ p0), one per request
-            wd = delta.norm(dim=1) / init.norm(dim=1) ** 2
-            per_req = nll + s.kl_factor * kl + s.weight_decay * wd
+            per_req, met = objective(delta)
             losses = per_req.tolist()
             for i in range(n):
                 steps[i] = step + 1
-            if s.stop_on == "nll_max":
-                worst = torch.full((n,), -torch.inf, device=dev).scatter_reduce(
-                    0, owner[~is_kl], nll_row[~is_kl].detach(), "amax")
-                watched = worst.tolist()
-            else:
-                watched = nll.tolist() if s.stop_on == "nll" else losses
-            done = all(x < s.early_stop_loss for x in watched)
-            if done and s.prompt_nll is not None:
-                done = bool((nll_row[first] < s.prompt_nll).all())
-            if done or step == s.steps - 1:
+            if bool(met.all()) or step == s.steps - 1:
                 break
-            opt.zero_grad()
-            per_req.sum().backward()
-            opt.step()
+            if opt is None:
+                (grad,) = torch.autograd.grad(per_req.sum(), delta)
+                with torch.no_grad():
+                    delta -= s.lr * init.norm(dim=1, keepdim=True) * grad / grad.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            else:
+                opt.zero_grad()
+                per_req.sum().backward()
+                opt.step()
             with torch.no_grad():
                 scale = (max_norm / delta.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
                 delta.mul_(scale.unsqueeze(1))
+        if s.shrink_steps > 0 and bool(met.any()):
+            delta = _shrink(delta.detach(), met, objective, s.shrink_steps)
     return Values(delta.detach(), init, steps, losses)
+
+
+@torch.no_grad()
+def _shrink(delta: torch.Tensor, met: torch.Tensor, objective, n_steps: int) -> torch.Tensor:
+    """Each δ that meets the stop scaled by the smallest fraction in (0, 1] that still meets it, found by
+    bisection (``n_steps`` evaluations of ``objective``); the others unchanged."""
+    lo = torch.zeros(len(delta), device=delta.device)
+    hi = torch.ones(len(delta), device=delta.device)
+    for _ in range(n_steps):
+        mid = torch.where(met, (lo + hi) / 2, hi)
+        ok = objective(delta * mid[:, None])[1]
+        hi = torch.where(met & ok, mid, hi)
+        lo = torch.where(met & ~ok, mid, lo)
+    return delta * hi[:, None]

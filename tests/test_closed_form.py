@@ -228,6 +228,51 @@ def test_value_prompt_nll_also_waits_for_the_request_prompt(tiny):
     assert run(0.0).steps == [5]
 
 
+def test_value_shrink_finds_the_smallest_fraction_that_still_meets_the_stop():
+    """``_shrink`` bisects each δ's scale in (0, 1]: with a stop met from 30% of δ's length on, it returns δ scaled
+    to within 2⁻ⁿ above 0.3; a δ that never met the stop is left as it is."""
+    from locate_edit.values import _shrink
+
+    delta = torch.randn(3, 5)
+    met = torch.tensor([True, True, False])
+
+    def objective(d):
+        return None, d.norm(dim=1) >= 0.3 * delta.norm(dim=1)
+
+    out = _shrink(delta, met, objective, 10)
+    frac = out.norm(dim=1) / delta.norm(dim=1)
+    assert torch.allclose(out / frac[:, None], delta, atol=1e-6)  # same directions
+    assert ((frac[:2] >= 0.3) & (frac[:2] <= 0.3 + 2**-10)).all()
+    assert frac[2] == 1
+
+
+def test_value_shrink_scales_the_optimised_delta_down(tiny):
+    """With ``shrink_steps`` the same optimisation ends with a shorter δ in the same direction."""
+    templates = ["{}", "Once upon a time. {}"]
+    start = _optimize_one(tiny, templates, steps=1, early_stop_loss=0.0, stop_on="nll").final_loss[0]
+    kw = dict(steps=20, early_stop_loss=start - 0.02, stop_on="nll", clamp_norm_factor=1e4)  # tiny moves little
+    plain = _optimize_one(tiny, templates, **kw)
+    short = _optimize_one(tiny, templates, shrink_steps=6, **kw)
+    assert plain.steps == short.steps and plain.steps[0] < 20  # the stop was met
+    ratio = float(short.delta.norm() / plain.delta.norm())
+    assert 0 < ratio < 1
+    assert torch.allclose(short.delta, ratio * plain.delta, atol=1e-5)
+
+
+def test_value_gd_optimizer_steps_along_the_gradient_by_lr_times_the_value_norm(tiny):
+    """``optimizer: gd`` moves δ by ``lr · ‖v₀‖`` along the gradient each step (Adam moves every coordinate by
+    about ``lr``); an unknown optimizer is a configuration error."""
+    from mend.errors import ConfigError
+
+    templates = ["{}", "Once upon a time. {}"]
+    one = _optimize_one(tiny, templates, steps=2, early_stop_loss=0.0, optimizer="gd", lr=0.3)  # one update
+    assert float(one.delta.norm()) == pytest.approx(0.3 * float(one.init.norm()), rel=1e-4)
+    adam = _optimize_one(tiny, templates, steps=2, early_stop_loss=0.0, lr=0.3, clamp_norm_factor=1e4)
+    assert float(adam.delta.abs().max()) == pytest.approx(0.3, rel=1e-3)  # Adam's first step: lr · sign(g)
+    with pytest.raises(ConfigError, match="optimizer"):
+        _optimize_one(tiny, templates, steps=2, optimizer="sgd")
+
+
 def test_rome_ridge_option_reaches_the_solver(tiny):
     model, tok = tiny("tiny-llama")
     norms = []

@@ -117,6 +117,20 @@ def test_r_rome_equals_emmet_with_one_key(setup):
     assert rel(emmet_update(W, C, k[:, None], v[:, None]), rome_update(W, C, k, v)) < 1e-10
 
 
+def test_sequential_r_rome_total_is_the_min_norm_change_for_its_final_values(setup):
+    """Each r-ROME update's row space is C⁻¹k (with earlier keys added to C as well, by Woodbury), so the total of
+    a sequence of them is EMMET's minimum-C-norm change writing, at every edited key, the value it ends with:
+    re-solving over the history cannot make it smaller (locate_edit.rome's ``memory`` note)."""
+    g, C, W0 = setup
+    K, V = _randn(D_IN, 4, g=g), _randn(D_OUT, 4, g=g)
+    for memory in (0.0, 1.0):
+        W = W0.clone()
+        for i in range(K.shape[1]):
+            Ci = C + memory * K[:, :i] @ K[:, :i].T
+            W = W + rome_update(W, Ci, K[:, i], V[:, i])
+        assert rel(emmet_update(W0, C, K, W @ K), W - W0) < 1e-8
+
+
 # ---------------------------------------------------------------- EMMET
 
 
