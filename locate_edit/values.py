@@ -94,6 +94,8 @@ def optimize_values(
 
     if s.stop_on not in STOP_ON:
         raise ConfigError(f"value.stop_on must be one of {', '.join(STOP_ON)}, got '{s.stop_on}'")
+    if s.optimizer not in ("adam", "gd"):
+        raise ConfigError(f"value.optimizer must be adam or gd, got '{s.optimizer}'")
     parts = []
     with tqdm(total=len(requests), desc="v* optimisation", unit="request", leave=False,
               disable=len(requests) <= s.chunk) as bar:
@@ -151,8 +153,6 @@ def _optimize_chunk(model, tok, adapter, requests, templates, module, layer, s: 
         hidden_in = rows.take(hidden_in) if partial else None
 
     delta = torch.zeros_like(init, requires_grad=True)
-    if s.optimizer not in ("adam", "gd"):
-        raise ConfigError(f"value.optimizer must be adam or gd, got '{s.optimizer}'")
     opt = torch.optim.Adam([delta], lr=s.lr) if s.optimizer == "adam" else None
     max_norm = s.clamp_norm_factor * init.norm(dim=1)  # (n,)
     counts = torch.bincount(owner[~is_kl], minlength=n).float()
@@ -203,6 +203,8 @@ def _optimize_chunk(model, tok, adapter, requests, templates, module, layer, s: 
                 delta.mul_(scale.unsqueeze(1))
         if s.shrink_steps > 0 and bool(met.any()):
             delta = _shrink(delta.detach(), met, objective, s.shrink_steps)
+            with torch.no_grad():
+                losses = objective(delta)[0].tolist()  # the loss of the δ returned
     return Values(delta.detach(), init, steps, losses)
 
 
