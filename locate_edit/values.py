@@ -63,6 +63,7 @@ class ValueSettings:
 
 
 STOP_ON = ("loss", "nll", "nll_max")
+OPTIMIZERS = ("adam", "gd")
 
 
 @dataclass
@@ -94,8 +95,8 @@ def optimize_values(
 
     if s.stop_on not in STOP_ON:
         raise ConfigError(f"value.stop_on must be one of {', '.join(STOP_ON)}, got '{s.stop_on}'")
-    if s.optimizer not in ("adam", "gd"):
-        raise ConfigError(f"value.optimizer must be adam or gd, got '{s.optimizer}'")
+    if s.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"value.optimizer must be one of {', '.join(OPTIMIZERS)}, got '{s.optimizer}'")
     parts = []
     with tqdm(total=len(requests), desc="v* optimisation", unit="request", leave=False,
               disable=len(requests) <= s.chunk) as bar:
@@ -153,7 +154,8 @@ def _optimize_chunk(model, tok, adapter, requests, templates, module, layer, s: 
         hidden_in = rows.take(hidden_in) if partial else None
 
     delta = torch.zeros_like(init, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=s.lr) if s.optimizer == "adam" else None
+    # gd: SGD on the gradient rescaled to length ‖v₀‖, so that a step moves δ by lr · ‖v₀‖
+    opt = (torch.optim.Adam if s.optimizer == "adam" else torch.optim.SGD)([delta], lr=s.lr)
     max_norm = s.clamp_norm_factor * init.norm(dim=1)  # (n,)
     counts = torch.bincount(owner[~is_kl], minlength=n).float()
     steps, losses = [0] * n, [float("inf")] * n
@@ -190,14 +192,12 @@ def _optimize_chunk(model, tok, adapter, requests, templates, module, layer, s: 
                 steps[i] = step + 1
             if bool(met.all()) or step == s.steps - 1:
                 break
-            if opt is None:
-                (grad,) = torch.autograd.grad(per_req.sum(), delta)
+            opt.zero_grad()
+            per_req.sum().backward()
+            if s.optimizer == "gd":
                 with torch.no_grad():
-                    delta -= s.lr * init.norm(dim=1, keepdim=True) * grad / grad.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            else:
-                opt.zero_grad()
-                per_req.sum().backward()
-                opt.step()
+                    delta.grad.mul_(init.norm(dim=1, keepdim=True) / delta.grad.norm(dim=1, keepdim=True).clamp_min(1e-12))
+            opt.step()
             with torch.no_grad():
                 scale = (max_norm / delta.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
                 delta.mul_(scale.unsqueeze(1))

@@ -120,7 +120,7 @@ def test_r_rome_equals_emmet_with_one_key(setup):
 def test_sequential_r_rome_total_is_the_min_norm_change_for_its_final_values(setup):
     """Each r-ROME update's row space is C⁻¹k (with earlier keys added to C as well, by Woodbury), so the total of
     a sequence of them is EMMET's minimum-C-norm change writing, at every edited key, the value it ends with:
-    re-solving over the history cannot make it smaller (locate_edit.rome's ``memory`` note)."""
+    re-solving over the history cannot make it smaller (README, sequential editing)."""
     g, C, W0 = setup
     K, V = _randn(D_IN, 4, g=g), _randn(D_OUT, 4, g=g)
     for memory in (0.0, 1.0):
