@@ -19,23 +19,21 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from locate_edit.corpus import CorpusSpec, corpus_tokens, resolve_corpus
-from mend.adapters import ModelAdapter, get_adapter
-from mend.adapters.partial import stop_after
+from mend.adapters import get_adapter
 from mend.config import ModelSection, build_config
 from mend.errors import ConfigError, MendError
 from mend.io import atomic_write
 from mend.models import fingerprint
+from mend.moments import KeyMoments, forward_batches
 from mend.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -44,85 +42,7 @@ METADATA_KEY = "mend_stats"
 TENSOR_KEY = "second_moment"
 
 
-# --- the streamed pass -----------------------------------------------------------------------------------------
-def _matmul_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half-precision keys (no overflow, fast), else the keys' own dtype (float64 stays float64)."""
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
-
-
-class _KeyMoments:
-    """Forward pre-hooks that add k kᵀ of each module's input, over the current batch's real positions, into a
-    running sum per layer. ``select`` (flat boolean mask, or None for all positions) is set before each batch."""
-
-    def __init__(self, modules: dict[int, nn.Module], weights: dict[int, torch.Tensor], dtype: torch.dtype):
-        self.modules = modules
-        # (d_in, d_in) sums beside each weight (the same device unless the model is split over several)
-        self.sums = {layer: torch.zeros(w.shape[1], w.shape[1], dtype=dtype, device=w.device)
-                     for layer, w in weights.items()}
-        self.select: torch.Tensor | None = None
-
-    def hook(self, layer: int) -> Callable[[nn.Module, tuple], None]:
-        total = self.sums[layer]
-
-        def pre_hook(_mod: nn.Module, args: tuple) -> None:
-            k = args[0].reshape(-1, args[0].shape[-1])
-            if self.select is not None:
-                k = k[self.select]
-            k = k.to(device=total.device, dtype=_matmul_dtype(k.dtype))
-            total.add_(k.T @ k)
-
-        return pre_hook
-
-    @contextmanager
-    def attached(self) -> Iterator[_KeyMoments]:
-        handles = [m.register_forward_pre_hook(self.hook(layer)) for layer, m in self.modules.items()]
-        try:
-            yield self
-        finally:
-            for h in handles:
-                h.remove()
-
-
-def _forward(model: PreTrainedModel, adapter: ModelAdapter, stack: str, ids: torch.Tensor,
-             mask: torch.Tensor | None) -> None:
-    """One forward pass over a batch; the encoder alone for T5's encoder stack. An encoder-decoder's decoder reads
-    the chunk shifted right (teacher forcing on the same text)."""
-    if not adapter.is_encoder_decoder:
-        model(input_ids=ids, attention_mask=mask, use_cache=False)
-    elif stack == "encoder":
-        model.get_encoder()(input_ids=ids, attention_mask=mask)
-    else:
-        model(input_ids=ids, attention_mask=mask, decoder_input_ids=model._shift_right(ids),
-              decoder_attention_mask=mask, use_cache=False)
-
-
-def forward_batches(model: PreTrainedModel, input_ids: torch.Tensor, stop: nn.Module,
-                    attention_mask: torch.Tensor | None = None, stack: str | None = None, batch_size: int = 8,
-                    on_batch: Callable[[torch.Tensor | None], None] | None = None, progress: bool = False) -> None:
-    """Run the model over ``input_ids`` in batches, each pass ending once ``stop`` has run (inference mode).
-
-    ``on_batch(select)`` is called before each batch with the flat boolean mask of its real positions (None when
-    the batch has no padding, in which case no mask is given to the model either, keeping its fastest path).
-    The statistics pass and the benchmark's plain forward share this loop, so both batch identically.
-    """
-    from tqdm.auto import tqdm
-
-    adapter = get_adapter(model)
-    stack = stack or adapter.default_stack
-    dev = model.device
-    starts = range(0, input_ids.shape[0], batch_size)
-    with torch.inference_mode():
-        for lo in tqdm(starts, desc="statistics", unit="batch", disable=not progress):
-            ids = input_ids[lo:lo + batch_size].to(dev)
-            mask = None if attention_mask is None else attention_mask[lo:lo + batch_size].to(dev)
-            if mask is not None and bool(mask.all()):
-                mask = None
-            if on_batch is not None:
-                on_batch(None if mask is None else mask.reshape(-1).bool())
-            with stop_after(stop):
-                _forward(model, adapter, stack, ids, mask)
-
-
+# --- the streamed pass (mend.moments) -------------------------------------------------------------------------
 @dataclass
 class Moments:
     """Running sums of k kᵀ per layer and the number of token positions they cover."""
@@ -146,7 +66,7 @@ def accumulate_moments(model: PreTrainedModel, input_ids: torch.Tensor, layers: 
     resolved = sorted({adapter.resolve_layer(x, stack) for x in layers})
     refs = {layer: adapter.weight_ref(layer, kind, stack) for layer in resolved}
     modules = {layer: adapter.module(ref) for layer, ref in refs.items()}
-    acc = _KeyMoments(modules, {layer: adapter.get_weight(ref) for layer, ref in refs.items()}, accumulate)
+    acc = KeyMoments(modules, {layer: adapter.get_weight(ref) for layer, ref in refs.items()}, accumulate)
 
     def on_batch(select: torch.Tensor | None) -> None:
         acc.select = select

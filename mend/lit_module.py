@@ -25,6 +25,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from mend.adapters import WeightRef, get_adapter
 from mend.factors import edit_factors, edited_target_logits, row_nll, target_tokens
 from mend.hypernet import HypernetConfig, MendHypernet, WeightSpec
+from mend.moments import input_moments
 from mend.scoring import TargetBatch, forward_target_logits, make_batch, select_rows
 from mend.upper_blocks import UpperBlocks
 
@@ -106,8 +107,20 @@ class MendModule(pl.LightningModule):
         self.frozen.model.to(self.device)
 
     def on_train_start(self) -> None:
+        if self.hypernet.cfg.precondition and not self.hypernet.preconditioned:
+            self.fit_preconditioner()
         if self.hypernet.cfg.norm and not self.hypernet.stats_ready:
             self.warm_up_statistics()
+
+    @torch.no_grad()
+    def fit_preconditioner(self) -> None:
+        """``hypernet.precondition``: each edited weight's ``P`` from the second moment of its input over
+        ``hypernet.precondition_tokens`` tokens of ordinary text (one pass of the frozen model, before step 0)."""
+        f, n = self.frozen, self.hypernet.cfg.precondition_tokens
+        ids = self.trainer.datamodule.statistics_tokens(f.model, f.tok, n)
+        for label, C in input_moments(f.model, ids, f.refs, progress=self.trainer.progress_bar_callback is not None).items():
+            self.hypernet.set_preconditioner(label, C)
+        log.info("preconditioner set from the input second moments over %d tokens", ids.numel())
 
     @torch.no_grad()
     def warm_up_statistics(self) -> None:

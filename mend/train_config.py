@@ -86,6 +86,8 @@ def validate(cfg: Any) -> None:
     for key, v in positive.items():
         if v <= 0:
             raise ConfigError(f"{key} must be positive, got {v}")
+    if cfg.hypernet.precondition and (cfg.hypernet.precondition_ridge <= 0 or cfg.hypernet.precondition_tokens <= 0):
+        raise ConfigError("hypernet.precondition_ridge and hypernet.precondition_tokens must be positive")
     if cfg.hypernet.n_blocks < 0 or cfg.norm_warmup < 0:
         raise ConfigError("hypernet.n_blocks and norm_warmup must be >= 0")
     if cfg.hypernet.act not in ACTIVATIONS:

@@ -257,3 +257,46 @@ def test_text_rows_are_weighted_by_c_text_and_scored_apart(tiny):
     torch.testing.assert_close(rel["loc_agreement"], only_nb["loc_agreement"])
     torch.testing.assert_close(rel["relation_agreement"], only_text["loc_agreement"])
     assert "text_agreement" not in rel
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama", "tiny-t5"])
+def test_preconditioned_untrained_editor_is_one_preconditioned_gradient_step(tiny, name):
+    """hypernet.precondition: P = (C/τ + λI)⁻¹ with τ = tr(C)/d, and at initialisation ΔW = −α ∇W P (∇W as
+    (d_out, d_in)); P comes from the second moment of each weight's input over text (mend.moments)."""
+    from mend.moments import input_moments
+
+    model, _, adapter, refs, batch = _setup(tiny, name)
+    factors, _ = edit_factors(model, adapter, refs, batch, 2)
+    hn = _hypernet(adapter, refs, precondition=True, precondition_ridge=0.05)
+    _warm(hn, factors)
+    assert not hn.preconditioned
+    with pytest.raises(RuntimeError, match="not set"):
+        hn.delta(refs[0].label, *factors[refs[0].label])
+    ids = torch.randint(0, model.config.vocab_size, (3, 9))
+    moments = input_moments(model, ids, refs, batch_size=2)
+    for ref in refs:
+        hn.set_preconditioner(ref.label, moments[ref.label])
+    assert hn.preconditioned
+    for ref in refs:
+        u, d = factors[ref.label]
+        C = moments[ref.label].double()
+        k = adapter.module(ref)  # C is E[k kᵀ] of the module's input over every position: check one directly
+        seen = []
+        h = k.register_forward_pre_hook(lambda _m, a: seen.append(a[0].reshape(-1, a[0].shape[-1]).double()))
+        with torch.no_grad():
+            from mend.moments import run_model
+
+            run_model(model, adapter, "decoder" if adapter.is_encoder_decoder else None, ids, None)
+        h.remove()
+        keys = torch.cat(seen)
+        want = keys.T @ keys / keys.shape[0]  # the hook multiplies in float32
+        torch.testing.assert_close(C, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+        d_in = C.shape[0]
+        P = hn.precond[ref.label.replace(".", "-")].P.double()
+        torch.testing.assert_close(P @ (C / (C.trace() / d_in) + 0.05 * torch.eye(d_in, dtype=C.dtype)),
+                                   torch.eye(d_in, dtype=C.dtype), rtol=0, atol=1e-4)
+        grad = d.double().T @ u.double()  # ∇W as (d_out, d_in)
+        expected = -hn.alpha(ref.label).double() * grad @ P
+        torch.testing.assert_close(hn.delta(ref.label, u, d).double(), expected, rtol=1e-4,
+                                   atol=1e-5 * expected.abs().max().item())
+        assert not torch.allclose(expected, -hn.alpha(ref.label).double() * grad, rtol=1e-2), "P changes the step"

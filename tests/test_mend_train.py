@@ -60,7 +60,9 @@ def test_fast_dev_run_then_the_saved_editor_edits(runs, tiny, name):
     singles = [editor.edit(model, tok, [r]) for r in REQS]
     for ref, d in both.deltas.items():  # several requests in one edit: their ΔW summed
         assert d.abs().max() > 0
-        torch.testing.assert_close(d, singles[0].deltas[ref] + singles[1].deltas[ref], rtol=1e-4, atol=1e-9)
+        # padded batch vs single rows: float rounding differs (T5's padded encoder), so the tolerance is relative
+        torch.testing.assert_close(d, singles[0].deltas[ref] + singles[1].deltas[ref], rtol=1e-4,
+                                   atol=1e-5 * d.abs().max().item())
     scaled = create_editor("mend", {"checkpoint": str(out), "scale": 1.5}).edit(model, tok, REQS)
     for ref, d in both.deltas.items():  # editor.scale multiplies every ΔW
         torch.testing.assert_close(scaled.deltas[ref], 1.5 * d, rtol=1e-5, atol=1e-9)
@@ -283,3 +285,22 @@ def test_training_with_text_and_relation_locality_runs(tmp_path):
     metrics = train(out, "model=tiny-gpt2", "trainer.fast_dev_run=true", "data.text_locality=1",
                     f"data.text_path={text}", "data.relation_locality=2", "loss.c_text=0.5")
     assert metrics["steps"] == 1 and torch.isfinite(torch.tensor(metrics["last_logged"]["train/kl"]))
+
+
+def test_preconditioned_training_saves_p_and_the_reloaded_editor_edits(tmp_path, tiny):
+    """hypernet.precondition=true: P is fitted from text before step 0, saved with the editor, and used on reload."""
+    from mend.run_dir import load_editor
+
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(" ".join(f"p{j}w{i}" for i in range(60)) for j in range(20)))
+    out = tmp_path / "run"
+    train(out, "model=tiny-llama", "trainer.fast_dev_run=true", "hypernet.precondition=true",
+          "hypernet.precondition_tokens=256", f"data.text_path={text}")
+    hn, info = load_editor(out)
+    assert info.hypernet.precondition and hn.preconditioned
+    P = next(iter(hn.precond.values())).P
+    assert not torch.equal(P, torch.eye(P.shape[0])) and torch.allclose(P, P.T, atol=1e-5)
+    model, tok = tiny("tiny-llama")
+    editor = create_editor("mend", {"checkpoint": str(out)})
+    result = editor.edit(model, tok, REQS[:1])
+    assert all(torch.isfinite(d).all() and d.abs().max() > 0 for d in result.deltas.values())

@@ -22,6 +22,7 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -237,6 +238,20 @@ class EditDataModule(pl.LightningDataModule):
         n = len(self.val_set) // (self.batch_size * world)  # whole batches, the same number on every rank
         sampler = StreamSampler(self.batch_size, 0, n, rank, world)
         return DataLoader(self.val_set, batch_size=self.batch_size, sampler=sampler, collate_fn=collate)
+
+    def statistics_tokens(self, model: Any, tok: Any, n_tokens: int, chunk_len: int = 128) -> torch.Tensor:
+        """(n, chunk_len) token chunks of ordinary text for input statistics: ``data.text_path``, else WikiText's
+        validation file in the data root (not the evaluator's drawdown text), else text sampled from the model."""
+        from mend.data.text import WIKITEXT_VALID, drawdown_tokens
+
+        if self.cfg.text_path:
+            source = str(under_data_root(self.cfg.text_path))
+        else:
+            source = str(data_dir() / WIKITEXT_VALID) if (data_dir() / WIKITEXT_VALID).exists() else "self"
+        ids = drawdown_tokens(model, tok, source, max(1, n_tokens // chunk_len), chunk_len, self.seed)
+        if ids is None:
+            raise MendError(f"no text for input statistics from '{source}'")
+        return ids
 
     def warmup_batches(self, n: int) -> list[dict[str, list[str]]]:
         """``n`` batches for this rank, drawn from far along the training stream (for input statistics)."""
