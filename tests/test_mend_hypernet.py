@@ -280,15 +280,7 @@ def test_preconditioned_untrained_editor_is_one_preconditioned_gradient_step(tin
     for ref in refs:
         u, d = factors[ref.label]
         C = moments[ref.label].double()
-        k = adapter.module(ref)  # C is E[k kᵀ] of the module's input over every position: check one directly
-        seen = []
-        h = k.register_forward_pre_hook(lambda _m, a: seen.append(a[0].reshape(-1, a[0].shape[-1]).double()))
-        with torch.no_grad():
-            from mend.moments import run_model
-
-            run_model(model, adapter, "decoder" if adapter.is_encoder_decoder else None, ids, None)
-        h.remove()
-        keys = torch.cat(seen)
+        keys = _module_inputs(model, adapter, ref, ids)  # C is E[k kᵀ] of the module's input at every position
         want = keys.T @ keys / keys.shape[0]  # the hook multiplies in float32
         torch.testing.assert_close(C, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
         d_in = C.shape[0]
@@ -300,3 +292,15 @@ def test_preconditioned_untrained_editor_is_one_preconditioned_gradient_step(tin
         torch.testing.assert_close(hn.delta(ref.label, u, d).double(), expected, rtol=1e-4,
                                    atol=1e-5 * expected.abs().max().item())
         assert not torch.allclose(expected, -hn.alpha(ref.label).double() * grad, rtol=1e-2), "P changes the step"
+
+
+def _module_inputs(model, adapter, ref, ids) -> torch.Tensor:
+    """(N, d_in) float64: the inputs of ``ref``'s module at every position of a full forward pass over ``ids``."""
+    from mend.moments import run_model
+
+    seen = []
+    h = adapter.module(ref).register_forward_pre_hook(lambda _m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        run_model(model, adapter, "decoder" if adapter.is_encoder_decoder else None, ids, None)
+    h.remove()
+    return torch.cat(seen).double()
