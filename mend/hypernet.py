@@ -16,9 +16,9 @@ with one learned step size ``α`` per edited weight.
 - ``α = exp(log_α)``: always positive; trained with its own (small) learning rate.
 - ``precondition=True`` (an extension, off by default) writes the edit in the geometry of the weight's inputs, as
   ROME does: ``ΔW = −α Σ_t δ̃_t (P ũ_t)ᵀ`` with ``P = (C/τ + λI)⁻¹``, ``C = E[k kᵀ]`` of the module's input over
-  ordinary text, ``τ = tr(C)/d_in`` and ``λ = precondition_ridge``. Among updates that write the same change at
-  the edit's keys this is the one that changes the outputs on typical inputs least (its average interference
-  ``1/(uᵀPu)`` is at most the plain step's ``uᵀCu/‖u‖⁴``, by Cauchy–Schwarz). ``P`` is a buffer, saved with the
+  ordinary text, ``τ = tr(C)/d_in`` and ``λ = precondition_ridge``. For one key ``u`` and ``λ → 0`` this is the
+  update that writes a given change at ``u`` while changing typical inputs least: its mean squared effect on them,
+  relative to the effect at ``u``, is ``1/(uᵀC⁻¹u)``, at most the plain step's ``uᵀCu/‖u‖⁴`` (Cauchy–Schwarz). ``P`` is a buffer, saved with the
   editor; :meth:`MendHypernet.set_preconditioner` fills it before training. At initialisation the editor is then
   exactly one preconditioned gradient step.
 
