@@ -21,7 +21,7 @@ import torch
 
 from mend.adapters import get_adapter
 from mend.data.registry import load_dataset
-from mend.data.text import WIKITEXT_VALID, drawdown_tokens
+from mend.data.text import statistics_tokens
 from mend.factors import edit_factors, edited_target_logits, target_tokens
 from mend.hypernet import Preconditioner
 from mend.models import load_model
@@ -45,8 +45,7 @@ def main() -> None:
     model, tok = load_model(args.model)
     adapter = get_adapter(model)
     refs = adapter.weight_refs(args.kinds.split(","), [int(x) for x in args.layers.split(",")])
-    text = data_dir() / WIKITEXT_VALID
-    ids = drawdown_tokens(model, tok, str(text) if text.exists() else "self", args.tokens // 128, 128)
+    ids = statistics_tokens(model, tok, args.tokens)  # the text mend.train's preconditioner uses
     P = {}
     for label, C in input_moments(model, ids, refs, progress=True).items():
         p = Preconditioner(C.shape[0])

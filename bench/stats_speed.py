@@ -22,10 +22,11 @@ from pathlib import Path
 
 import torch
 
-from locate_edit.stats import accumulate_moments, corpus_tokens, forward_batches, resolve_corpus
+from locate_edit.stats import accumulate_moments, corpus_tokens, resolve_corpus
 from mend.adapters import get_adapter
 from mend.cli import quiet_libraries
 from mend.models import load_model
+from mend.moments import forward_batches
 
 PER = 100_000  # seconds are reported per this many tokens
 

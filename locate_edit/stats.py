@@ -33,7 +33,7 @@ from mend.config import ModelSection, build_config
 from mend.errors import ConfigError, MendError
 from mend.io import atomic_write
 from mend.models import fingerprint
-from mend.moments import KeyMoments, forward_batches
+from mend.moments import KeyMoments
 from mend.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -65,17 +65,10 @@ def accumulate_moments(model: PreTrainedModel, input_ids: torch.Tensor, layers: 
     adapter = get_adapter(model)
     resolved = sorted({adapter.resolve_layer(x, stack) for x in layers})
     refs = {layer: adapter.weight_ref(layer, kind, stack) for layer in resolved}
-    modules = {layer: adapter.module(ref) for layer, ref in refs.items()}
-    acc = KeyMoments(modules, {layer: adapter.get_weight(ref) for layer, ref in refs.items()}, accumulate)
-
-    def on_batch(select: torch.Tensor | None) -> None:
-        acc.select = select
-
-    with acc.attached():
-        forward_batches(model, input_ids, modules[max(modules)], attention_mask, stack, batch_size, on_batch,
-                        progress)
+    acc = KeyMoments(adapter, refs, accumulate)
+    sums = acc.collect(model, input_ids, acc.modules[max(refs)], attention_mask, stack, batch_size, progress)
     count = input_ids.numel() if attention_mask is None else int(attention_mask.sum())
-    return Moments(acc.sums, count)
+    return Moments(sums, count)
 
 
 # --- cache -----------------------------------------------------------------------------------------------------

@@ -29,9 +29,10 @@ class KeyMoments:
     """Forward pre-hooks that add k kᵀ of each module's input, over the current batch's real positions, into a
     running sum per key. ``select`` (flat boolean mask, or None for all positions) is set before each batch."""
 
-    def __init__(self, modules: dict[Hashable, nn.Module], weights: dict[Hashable, torch.Tensor], dtype: torch.dtype):
-        self.modules = modules
+    def __init__(self, adapter: ModelAdapter, refs: dict[Hashable, WeightRef], dtype: torch.dtype):
+        self.modules = {key: adapter.module(ref) for key, ref in refs.items()}
         # (d_in, d_in) sums beside each weight (the same device unless the model is split over several)
+        weights = {key: adapter.get_weight(ref) for key, ref in refs.items()}
         self.sums = {key: torch.zeros(w.shape[1], w.shape[1], dtype=dtype, device=w.device)
                      for key, w in weights.items()}
         self.select: torch.Tensor | None = None
@@ -56,6 +57,19 @@ class KeyMoments:
         finally:
             for h in handles:
                 h.remove()
+
+    def collect(self, model: PreTrainedModel, input_ids: torch.Tensor, stop: nn.Module,
+                attention_mask: torch.Tensor | None = None, stack: str | None = None, batch_size: int = 8,
+                progress: bool = False, desc: str = "statistics") -> dict[Hashable, torch.Tensor]:
+        """Add every real position of ``input_ids`` to the sums (one :func:`forward_batches` pass ending after
+        ``stop``) and return them."""
+
+        def on_batch(select: torch.Tensor | None) -> None:
+            self.select = select
+
+        with self.attached():
+            forward_batches(model, input_ids, stop, attention_mask, stack, batch_size, on_batch, progress, desc)
+        return self.sums
 
 
 def run_model(model: PreTrainedModel, adapter: ModelAdapter, stack: str, ids: torch.Tensor,
@@ -106,16 +120,9 @@ def input_moments(model: PreTrainedModel, input_ids: torch.Tensor, refs: Sequenc
     if not refs:
         raise MendError("no weights to gather input statistics for")
     adapter = get_adapter(model)
-    modules = {r.label: adapter.module(r) for r in refs}
     last = max(refs, key=lambda r: (r.stack == "decoder", r.layer))  # decoders run after their encoder
     stop = adapter.block(last.layer, last.stack)  # the whole block: every watched module in it has run
-    acc = KeyMoments(modules, {r.label: adapter.get_weight(r) for r in refs}, accumulate)
     stack = "decoder" if adapter.is_encoder_decoder else None
-
-    def on_batch(select: torch.Tensor | None) -> None:
-        acc.select = select
-
-    with acc.attached():
-        forward_batches(model, input_ids, stop, None, stack, batch_size, on_batch, progress,
-                        desc="input statistics")
-    return {label: s / input_ids.numel() for label, s in acc.sums.items()}
+    sums = KeyMoments(adapter, {r.label: r for r in refs}, accumulate).collect(
+        model, input_ids, stop, None, stack, batch_size, progress, desc="input statistics")
+    return {label: s / input_ids.numel() for label, s in sums.items()}

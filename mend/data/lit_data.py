@@ -239,19 +239,12 @@ class EditDataModule(pl.LightningDataModule):
         sampler = StreamSampler(self.batch_size, 0, n, rank, world)
         return DataLoader(self.val_set, batch_size=self.batch_size, sampler=sampler, collate_fn=collate)
 
-    def statistics_tokens(self, model: Any, tok: Any, n_tokens: int, chunk_len: int = 128) -> torch.Tensor:
-        """(n, chunk_len) token chunks of ordinary text for input statistics: ``data.text_path``, else WikiText's
-        validation file in the data root (not the evaluator's drawdown text), else text sampled from the model."""
-        from mend.data.text import WIKITEXT_VALID, drawdown_tokens
+    def statistics_tokens(self, model: Any, tok: Any, n_tokens: int) -> torch.Tensor:
+        """Text chunks for input statistics (:func:`mend.data.text.statistics_tokens`, from ``data.text_path``)."""
+        from mend.data.text import statistics_tokens
 
-        if self.cfg.text_path:
-            source = str(under_data_root(self.cfg.text_path))
-        else:
-            source = str(data_dir() / WIKITEXT_VALID) if (data_dir() / WIKITEXT_VALID).exists() else "self"
-        ids = drawdown_tokens(model, tok, source, max(1, n_tokens // chunk_len), chunk_len, self.seed)
-        if ids is None:
-            raise MendError(f"no text for input statistics from '{source}'")
-        return ids
+        path = under_data_root(self.cfg.text_path) if self.cfg.text_path else None
+        return statistics_tokens(model, tok, n_tokens, path, seed=self.seed)
 
     def warmup_batches(self, n: int) -> list[dict[str, list[str]]]:
         """``n`` batches for this rank, drawn from far along the training stream (for input statistics)."""

@@ -67,6 +67,18 @@ def drawdown_tokens(model: PreTrainedModel, tok: PreTrainedTokenizerBase, source
     return chunk_tokens(tok, read_text(source), n_chunks, chunk_len)
 
 
+
+def statistics_tokens(model: PreTrainedModel, tok: PreTrainedTokenizerBase, n_tokens: int,
+                      text_path: str | Path | None = None, chunk_len: int = 128, seed: int = 0) -> torch.Tensor:
+    """(n, chunk_len) token chunks of ordinary text for input statistics (MEND's preconditioner): ``text_path``,
+    else WikiText's validation file in the data root (not the drawdown text), else text sampled from the model."""
+    valid = data_dir() / WIKITEXT_VALID
+    source = str(text_path) if text_path else (str(valid) if valid.exists() else "self")
+    ids = drawdown_tokens(model, tok, source, max(1, n_tokens // chunk_len), chunk_len, seed)
+    if ids is None:
+        raise MendError(f"no text for input statistics from '{source}'")
+    return ids
+
 SAMPLE_OPENINGS = ("The", "In", "A", "It", "This", "When", "On", "There", "After", "Many")
 SAMPLER_VERSION = 2  # 2: samples start after the document-start token (see document_start_ids)
 DOCUMENT_SEPARATOR = "<|endoftext|>"  # what GPT-2, GPT-J, SmolLM2 and Qwen2 put between pretraining documents
