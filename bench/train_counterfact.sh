@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CounterFact MEND editor of the README ("Training MEND on CounterFact"), trained in three stages that resume
 # one run directory, then compared with ROME on 200 counterfact-val records. On the 2-core CPU: about 80 + 55 + 40
-# minutes of training and 30 minutes of evaluation; on a GPU add trainer.accelerator=auto to TRAIN.
+# minutes of training and 30 minutes of evaluation; on a GPU add trainer.accelerator=auto to TRAIN. The plain
+# editor (no preconditioner; bench/train_counterfact_pre.sh trains the preconditioned one the config now sets).
 #
 #   bash bench/train_counterfact.sh [OUT]      (OUT: checkpoints/mend-smollm2-135m-counterfact-relation)
 #
@@ -18,7 +19,7 @@ set -euo pipefail
 OUT=${1:-checkpoints/mend-smollm2-135m-counterfact-relation}
 PY=${PY:-python}
 CFG=configs/train/counterfact.yaml
-TRAIN=(-m mend.train "$CFG" eval.enabled=false "out=$OUT")
+TRAIN=(-m mend.train "$CFG" hypernet.precondition=false eval.enabled=false "out=$OUT")
 
 "$PY" "${TRAIN[@]}" data.text_locality=0 data.relation_locality=0 loss.c_text=null \
     optim.schedule=constant trainer.max_steps=6000
