@@ -22,6 +22,7 @@ import torch
 from mend.adapters import get_adapter
 from mend.data.registry import load_dataset
 from mend.data.text import statistics_tokens
+from mend.evaluation.metrics import harmonic_mean
 from mend.factors import edit_factors, edited_target_logits, target_tokens
 from mend.hypernet import Preconditioner
 from mend.models import load_model
@@ -83,7 +84,7 @@ def main() -> None:
             cells.append(f"ES {es:.3f}  loc {loc:.3f}")
         print(f"{s:>14.5f} | " + " | ".join(f"{c:>22}" for c in cells))
     for form, pts in out["forms"].items():
-        best = max(2 * p["edit_success"] * p["locality"] / max(p["edit_success"] + p["locality"], 1e-9) for p in pts)
+        best = max(harmonic_mean([p["edit_success"], p["locality"]]) for p in pts)
         out.setdefault("best_harmonic_mean", {})[form] = round(best, 3)
     print("best harmonic mean of edit success and locality:", out["best_harmonic_mean"])
     path = Path(__file__).parent / "results" / "mend_frontier.json"

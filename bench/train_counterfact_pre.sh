@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The preconditioned CounterFact MEND editor of the README ("Training MEND on CounterFact"): the commands as they
 # were run on the 2-core CPU (one session each time: stopped and resumed twice, so the cosine restarted twice),
-# then the comparison with ROME on 200 counterfact-val records. About 20 + 25 + 85 minutes of training (1.15-1.3
+# then the comparison with ROME on 200 counterfact-val records. About 20 + 25 + 85 minutes of training (1.25-1.6
 # steps/s) and 20 minutes of evaluation; on a GPU add trainer.accelerator=auto to TRAIN.
 #
 #   bash bench/train_counterfact_pre.sh [OUT]      (OUT: checkpoints/mend-smollm2-135m-counterfact-pre)

@@ -67,7 +67,6 @@ def drawdown_tokens(model: PreTrainedModel, tok: PreTrainedTokenizerBase, source
     return chunk_tokens(tok, read_text(source), n_chunks, chunk_len)
 
 
-
 def statistics_tokens(model: PreTrainedModel, tok: PreTrainedTokenizerBase, n_tokens: int,
                       text_path: str | Path | None = None, chunk_len: int = 128, seed: int = 0) -> torch.Tensor:
     """(n, chunk_len) token chunks of ordinary text for input statistics (MEND's preconditioner): ``text_path``,
@@ -78,6 +77,7 @@ def statistics_tokens(model: PreTrainedModel, tok: PreTrainedTokenizerBase, n_to
     if ids is None:
         raise MendError(f"no text for input statistics from '{source}'")
     return ids
+
 
 SAMPLE_OPENINGS = ("The", "In", "A", "It", "This", "When", "On", "There", "After", "Many")
 SAMPLER_VERSION = 2  # 2: samples start after the document-start token (see document_start_ids)
