@@ -42,7 +42,7 @@ editor of the best validation in <out>/best and the final evaluation in <out>/ev
   edit.layers=[-3,-2,-1] edit.kinds=[mlp_out] edit.stacks=[encoder,decoder]   the edited weights
   hypernet.rank=N hypernet.n_blocks=N hypernet.combine=BOOL hypernet.shared=BOOL hypernet.alpha_init=X
   hypernet.precondition=BOOL  edit in the inputs' geometry: ΔW = −α Σ δ̃ (P ũ)ᵀ, P = (C/τ + λI)⁻¹, C their
-                              second moment over hypernet.precondition_tokens tokens of text [false]
+                              second moment over hypernet.precondition_tokens tokens of text [true]
   hypernet.precondition_ridge=X  λ, relative to C's mean eigenvalue [0.01]
   optim.lr=X optim.lr_alpha=X loss.c_edit=X loss.c_loc=X norm_warmup=N
   loss.c_text=X               KL(neighbours) + X * KL(text rows) instead of one token mean over both [null]

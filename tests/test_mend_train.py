@@ -60,9 +60,10 @@ def test_fast_dev_run_then_the_saved_editor_edits(runs, tiny, name):
     singles = [editor.edit(model, tok, [r]) for r in REQS]
     for ref, d in both.deltas.items():  # several requests in one edit: their ΔW summed
         assert d.abs().max() > 0
-        # padded batch vs single rows: float rounding differs (T5's padded encoder), so the tolerance is relative
+        # padded batch vs single rows: float rounding differs (T5's padded encoder, amplified by the preconditioner P
+        # that training fits by default), so the tolerance is relative to the edit's scale
         torch.testing.assert_close(d, singles[0].deltas[ref] + singles[1].deltas[ref], rtol=1e-4,
-                                   atol=1e-5 * d.abs().max().item())
+                                   atol=1e-4 * d.abs().max().item())
     scaled = create_editor("mend", {"checkpoint": str(out), "scale": 1.5}).edit(model, tok, REQS)
     for ref, d in both.deltas.items():  # editor.scale multiplies every ΔW
         torch.testing.assert_close(scaled.deltas[ref], 1.5 * d, rtol=1e-5, atol=1e-9)

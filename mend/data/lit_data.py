@@ -47,7 +47,7 @@ class TrainDataSection:
     path: str | None = None  # training file (default: TRAIN_FILES under $MEND_DATA_DIR)
     val_path: str | None = None
     limit: int | None = None  # first N training records
-    val_limit: int = 96  # validation edits
+    val_limit: int = 64  # validation edits
     variants: int = 4  # builtin: new targets drawn per fact (each a separate training record)
     paraphrases: int = 2  # paraphrases per edit in the edit loss (beside the edit prompt itself)
     locality: int = 4  # locality examples per edit in the KL loss
