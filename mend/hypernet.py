@@ -14,13 +14,14 @@ with one learned step size ``α`` per edited weight.
 - ``combine=True`` (paper default) transforms the concatenation ``[u; δ]`` with one network; ``False`` uses one
   network for ``u`` and one for ``δ``.
 - ``α = exp(log_α)``: always positive; trained with its own (small) learning rate.
-- ``precondition=True`` (an extension, off by default) writes the edit in the geometry of the weight's inputs, as
-  ROME does: ``ΔW = −α Σ_t δ̃_t (P ũ_t)ᵀ`` with ``P = (C/τ + λI)⁻¹``, ``C = E[k kᵀ]`` of the module's input over
-  ordinary text, ``τ = tr(C)/d_in`` and ``λ = precondition_ridge``. For one key ``u`` and ``λ → 0`` this is the
-  update that writes a given change at ``u`` while changing typical inputs least: its mean squared effect on them,
-  relative to the effect at ``u``, is ``1/(uᵀC⁻¹u)``, at most the plain step's ``uᵀCu/‖u‖⁴`` (Cauchy–Schwarz). ``P`` is a buffer, saved with the
-  editor; :meth:`MendHypernet.set_preconditioner` fills it before training. At initialisation the editor is then
-  exactly one preconditioned gradient step.
+- ``precondition=True`` (an extension: off here, on in ``python -m mend.train``'s defaults) writes the edit in
+  the geometry of the weight's inputs, as ROME does: ``ΔW = −α Σ_t δ̃_t (P ũ_t)ᵀ`` with ``P = (C/τ + λI)⁻¹``,
+  ``C = E[k kᵀ]`` of the module's input over ordinary text, ``τ = tr(C)/d_in`` and ``λ = precondition_ridge``.
+  For one key ``u`` and ``λ → 0`` this is the update that writes a given change at ``u`` while changing typical
+  inputs least: its mean squared effect on them, relative to the effect at ``u``, is ``1/(uᵀC⁻¹u)``, at most the
+  plain step's ``uᵀCu/‖u‖⁴`` (Cauchy–Schwarz). ``P`` is a buffer, saved with the editor;
+  :meth:`MendHypernet.set_preconditioner` fills it before training. At initialisation the editor is then exactly
+  one preconditioned gradient step.
 
 Where the reference code (eric-mitchell/mend) differs: it adds ``+lr · ∇̃W`` (the sign is left for the network to
 learn, so at initialisation it takes an ascent step), keeps the statistics per shape rather than per weight, and

@@ -57,6 +57,7 @@ editor of the best validation in <out>/best and the final evaluation in <out>/ev
   trainer.accelerator=cpu|gpu|auto trainer.devices=N trainer.strategy=auto|ddp trainer.precision=32-true
   eval.enabled=BOOL eval.limit=N    the evaluation at the end (built-in test split by default)
   eval.editor=last|best       evaluate the final editor or <out>/best [last]
+  eval.drawdown_samples=N     its perplexity drawdown after N of the edits (0: every edit) [5]
   name=NAME out=DIR           run name [mend-<model>-<data>] and directory [checkpoints/<name>]
   resume=auto|true|false      auto: continue from <out>/last when it exists [auto]
   seed=N
@@ -211,7 +212,7 @@ def _trainer(cfg: Any, out: Path, module: Any, info: EditorInfo, train_doc: dict
 def final_evaluation(cfg: Any, out: Path, model: Any, tok: Any, module: Any) -> dict[str, Any]:
     """The trained editor (read back from ``out``) beside the untrained one, on held-out data; prints the table."""
     from mend.editors.mend import MendConfig, MendEditor
-    from mend.evaluate import EvaluateCommand, evaluate_editors
+    from mend.evaluate import DrawdownSection, EvaluateCommand, evaluate_editors
     from mend.evaluation.report import markdown_table, write_reports
     from mend.hypernet import MendHypernet
 
@@ -219,6 +220,8 @@ def final_evaluation(cfg: Any, out: Path, model: Any, tok: Any, module: Any) -> 
     args = [f"model={cfg.model.name}", f"data={e.data}", f"data.split={e.split}", f"drawdown.source={e.drawdown}",
             f"out={out / 'eval'}", f"progress={cfg.trainer.progress}"]
     extra = ([f"data.path={under_data_root(e.path)}"] if e.path else []) + ([f"data.limit={e.limit}"] if e.limit else [])
+    if e.drawdown_samples != DrawdownSection.samples:
+        extra.append(f"drawdown.samples={e.drawdown_samples}")
     args += extra
     ecfg = build_config(EvaluateCommand, args, text_keys=("out", "data.path"))
     run_dir = out / BEST_DIR if e.editor == "best" and (out / BEST_DIR).exists() else out

@@ -150,20 +150,23 @@ def test_train_end_evaluation_is_reproduced_by_mend_evaluate(tmp_path, capsys):
 
     out = tmp_path / "run"
     metrics = train(out, "model=tiny-gpt2", "trainer.max_steps=2", "eval.enabled=true", "eval.limit=3",
-                    "eval.drawdown=none")
+                    "eval.drawdown=self", "eval.drawdown_samples=2")
     table = capsys.readouterr().out
     assert "| mend (untrained) |" in table and "| mend |" in table and "unedited" in table
     ev = metrics["evaluation"]
     assert ev["n"] == 3 and {"unedited", "untrained", "trained", "command"} <= set(ev)
-    argv = ev["command"].split()[3:] + ["drawdown.source=none", "progress=false"]
+    assert "drawdown.source=self" in ev["command"] and "drawdown.samples=2" in ev["command"]
+    assert ev["trained"]["drawdown_ppl"] is not None
+    argv = ev["command"].split()[3:] + ["progress=false"]
     with pytest.raises(SystemExit) as exc:
         run(evaluate.main, evaluate.USAGE, argv)
     assert exc.value.code == 0, capsys.readouterr().err
     again = json.loads((out / "eval-check" / "results.json").read_text())["editors"]["mend"]["metrics"]
-    for k in ("efficacy", "generalization", "locality", "edit_success", "kl_locality"):
+    for k in ("efficacy", "generalization", "locality", "edit_success", "kl_locality", "drawdown_ppl"):
         assert again[k] == ev["trained"][k], k
     capsys.readouterr()
-    train(out, "model=tiny-gpt2", "trainer.max_steps=2", "eval.enabled=true", "eval.limit=3", "eval.drawdown=none")
+    train(out, "model=tiny-gpt2", "trainer.max_steps=2", "eval.enabled=true", "eval.limit=3", "eval.drawdown=self",
+          "eval.drawdown_samples=2")
     shown = capsys.readouterr().out  # the same command again: nothing to do, the table is shown again
     assert "already holds this run" in shown and "| mend |" in shown
 
