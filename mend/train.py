@@ -46,7 +46,7 @@ editor of the best validation in <out>/best and the final evaluation in <out>/ev
   hypernet.precondition_ridge=X  λ, relative to C's mean eigenvalue [0.01]
   optim.lr=X optim.lr_alpha=X loss.c_edit=X loss.c_loc=X norm_warmup=N
   loss.c_text=X               KL(neighbours) + X * KL(text rows) instead of one token mean over both [null]
-  optim.schedule=constant|cosine optim.warmup_steps=N optim.min_lr_ratio=X   learning rates over the steps
+  optim.schedule=constant|cosine optim.warmup_steps=N optim.min_lr_ratio=X   learning rates over the steps [cosine]
   optim.schedule_steps=N      the cosine's length when it is not trainer.max_steps (a run that stops early)
   trainer.max_steps=N trainer.batch_size=N trainer.accumulate_grad_batches=N trainer.gradient_clip_val=X
   trainer.val_check_interval=N trainer.save_every_n_steps=N trainer.fast_dev_run=true

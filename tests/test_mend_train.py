@@ -89,12 +89,13 @@ def test_resumed_run_continues_from_its_last_checkpoint(tmp_path):
     where an uninterrupted 4-step run ends: same global step, same optimizer state, same weights."""
     a, b = tmp_path / "a", tmp_path / "b"
     args = ["model=tiny-llama", "trainer.val_check_interval=2", "trainer.save_every_n_steps=1"]
-    assert train(a, *args, "trainer.max_steps=2")["steps"] == 2
+    curve = "optim.schedule_steps=4"  # the default cosine's length: the stopped run is on the 4-step run's curve
+    assert train(a, *args, curve, "trainer.max_steps=2")["steps"] == 2
     at2 = load_file(a / "editor.safetensors")
     state = json.loads((a / "last" / "state.json").read_text())
     assert state["global_step"] == 2 and not list(a.glob("**/*.ckpt"))
-    assert train(a, *args, "trainer.max_steps=4")["steps"] == 4
-    assert train(b, *args, "trainer.max_steps=4")["steps"] == 4
+    assert train(a, *args, curve, "trainer.max_steps=4")["steps"] == 4
+    assert train(b, *args, curve, "trainer.max_steps=4")["steps"] == 4
     resumed, straight = load_file(a / "editor.safetensors"), load_file(b / "editor.safetensors")
     assert any(not torch.equal(resumed[k], at2[k]) for k in at2)
     for k in straight:
