@@ -33,7 +33,7 @@ from mend.scoring import make_batch
 
 
 def untrained_editor(model, tok, warm_requests) -> MendEditor:
-    """The default architecture at initialisation, its input statistics filled from a few edits."""
+    """The default architecture at initialisation, its input statistics (and P) filled from a few edits."""
     cfg = OmegaConf.load(config_dir() / "train" / "default.yaml")
     adapter = get_adapter(model)
     refs = adapter.weight_refs(list(cfg.edit.kinds), list(cfg.edit.layers))
@@ -45,6 +45,8 @@ def untrained_editor(model, tok, warm_requests) -> MendEditor:
     factors, _ = edit_factors(model, adapter, refs, batch, len(warm_requests))
     for label, (u, d) in factors.items():
         hn.update_stats(label, u, d)
+        if hcfg.precondition:  # P's values do not change the cost: C from the same edits' inputs
+            hn.set_preconditioner(label, u.double().T @ u.double() / len(u))
     return MendEditor(hypernet=hn.eval(), info=info)
 
 
