@@ -23,17 +23,22 @@ from timing import fwd_bwd_seconds  # bench/timing.py (scripts run as python ben
 
 from mend.adapters import get_adapter
 from mend.data.registry import load_dataset
+from mend.data.text import statistics_tokens
 from mend.editors.mend import MendConfig, MendEditor
 from mend.factors import edit_factors
 from mend.hypernet import HypernetConfig, MendHypernet
 from mend.models import fingerprint, load_model
+from mend.moments import input_moments
 from mend.paths import config_dir
 from mend.run_dir import EditedWeight, EditorInfo
 from mend.scoring import make_batch
 
+PRECONDITION_TOKENS = 2048
+
 
 def untrained_editor(model, tok, warm_requests) -> MendEditor:
-    """The default architecture at initialisation, its input statistics (and P) filled from a few edits."""
+    """The default architecture at initialisation, its input statistics filled from a few edits (P, when
+    the config preconditions, from a little text)."""
     cfg = OmegaConf.load(config_dir() / "train" / "default.yaml")
     adapter = get_adapter(model)
     refs = adapter.weight_refs(list(cfg.edit.kinds), list(cfg.edit.layers))
@@ -45,8 +50,9 @@ def untrained_editor(model, tok, warm_requests) -> MendEditor:
     factors, _ = edit_factors(model, adapter, refs, batch, len(warm_requests))
     for label, (u, d) in factors.items():
         hn.update_stats(label, u, d)
-        if hcfg.precondition:  # P's values do not change the cost: C from the same edits' inputs
-            hn.set_preconditioner(label, u.double().T @ u.double() / len(u))
+    if hcfg.precondition:  # as mend.train fits P, from fewer tokens (P's values do not change the cost)
+        for label, C in input_moments(model, statistics_tokens(model, tok, PRECONDITION_TOKENS), refs).items():
+            hn.set_preconditioner(label, C)
     return MendEditor(hypernet=hn.eval(), info=info)
 
 

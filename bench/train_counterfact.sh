@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The CounterFact MEND editor of the README ("Training MEND on CounterFact"), trained in three stages that resume
 # one run directory, then compared with ROME on 200 counterfact-val records. On the 2-core CPU: about 80 + 55 + 40
-# minutes of training and 30 minutes of evaluation; on a GPU add trainer.accelerator=auto to TRAIN. The plain
-# editor (no preconditioner; bench/train_counterfact_pre.sh trains the preconditioned one the config now sets).
+# minutes of training and 30 minutes of evaluation; on a GPU add trainer.accelerator=auto to TRAIN. This is the
+# plain editor (no preconditioner); bench/train_counterfact_pre.sh trains the preconditioned one the config sets.
 #
 #   bash bench/train_counterfact.sh [OUT]      (OUT: checkpoints/mend-smollm2-135m-counterfact-relation)
 #
