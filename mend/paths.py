@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from mend.errors import ConfigError
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -19,9 +21,14 @@ def cache_dir() -> Path:
 
 
 def config_dir() -> Path:
-    """The YAML config tree: $MEND_CONFIG_DIR, else configs/ beside the package."""
+    """The YAML config tree: $MEND_CONFIG_DIR, else the package's own ``mend/configs`` (package data, so that an
+    installed wheel has the same per-model defaults; ``configs/`` at the repository root links to it)."""
     env = os.environ.get("MEND_CONFIG_DIR")
-    return Path(env).expanduser() if env else REPO_ROOT / "configs"
+    path = Path(env).expanduser() if env else Path(__file__).resolve().parent / "configs"
+    if not (path / "model").is_dir():
+        where = "$MEND_CONFIG_DIR" if env else "the installed package"
+        raise ConfigError(f"no config tree at {path} (from {where}): its model/ folder holds the per-model defaults")
+    return path
 
 
 def data_dir() -> Path:
