@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import assert_params_identical, param_clones
+from tolerance import FORWARD, f32_tol
 
 from mend.adapters import get_adapter
 from mend.editor import apply_edit, create_editor
@@ -123,7 +124,9 @@ def test_rome_single_request_is_rank_one(tiny):
     result = create_editor("rome", FAST, LAYERS["rome"]).edit(model, tok, REQS[:1])
     (d,) = result.deltas.values()
     s = torch.linalg.svdvals(d.double())
-    assert s[1] < 1e-5 * s[0]
+    # an exact rank-one update (float64) rounded to float32: d + E, |E| ≤ eps/2·|d| entrywise, so
+    # s₁ ≤ ‖E‖₂ ≤ ‖E‖_F ≤ eps/2·‖d‖_F = eps/2·s₀ (× 2)
+    assert s[1] <= f32_tol(s[0], safety=1)
 
 
 def test_rome_several_requests_are_applied_in_turn(tiny):
@@ -177,7 +180,9 @@ def test_realized_values_add_what_the_rank_one_update_writes(tiny, monkeypatch):
     keys = keys_at(model, tok, adapter, ref, prompts, pos.tolist())
     assert torch.equal(added[0], torch.zeros(3, d_out))
     expected = (keys @ realized.direction[0])[:, None] * realized.offset
-    assert torch.allclose(added[1], expected, rtol=1e-4, atol=1e-5)
+    # keys from another pass (FORWARD·eps each), a sum over d_in products, times c: relative to Σ|k||u|·|c|
+    mag = ((keys.abs() @ realized.direction[0].abs())[:, None] * realized.offset.abs()).max()
+    assert torch.allclose(added[1], expected, rtol=0, atol=f32_tol(mag, safety=FORWARD))
 
 
 def test_rome_with_realized_values_edits_in_both_key_modes(tiny):
@@ -233,7 +238,7 @@ def test_value_shrink_finds_the_smallest_fraction_that_still_meets_the_stop():
     to within 2⁻ⁿ above 0.3; a δ that never met the stop is left as it is."""
     from locate_edit.values import _shrink
 
-    delta = torch.randn(3, 5)
+    delta = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
     met = torch.tensor([True, True, False])
 
     def objective(d):
@@ -241,7 +246,8 @@ def test_value_shrink_finds_the_smallest_fraction_that_still_meets_the_stop():
 
     out = _shrink(delta, met, objective, 10)
     frac = out.norm(dim=1) / delta.norm(dim=1)
-    assert torch.allclose(out / frac[:, None], delta, atol=1e-6)  # same directions
+    # out = δ·f (one rounding), frac from two norms of 5 entries, the division: a few eps of |δ|
+    assert torch.allclose(out / frac[:, None], delta, rtol=0, atol=f32_tol(delta.abs().max(), terms=5))  # same directions
     assert ((frac[:2] >= 0.3) & (frac[:2] <= 0.3 + 2**-10)).all()
     assert frac[2] == 1
 
@@ -256,7 +262,9 @@ def test_value_shrink_scales_the_optimised_delta_down(tiny):
     assert plain.steps == short.steps and plain.steps[0] < 20  # the stop was met
     ratio = float(short.delta.norm() / plain.delta.norm())
     assert 0 < ratio < 1
-    assert torch.allclose(short.delta, ratio * plain.delta, atol=1e-5)
+    # short = plain · f (one rounding); ratio from two norms of all entries, then one product: a few eps of |δ|
+    tol = f32_tol(plain.delta.abs().max(), terms=plain.delta.numel())
+    assert torch.allclose(short.delta, ratio * plain.delta, rtol=0, atol=tol)
 
 
 def test_value_gd_optimizer_steps_along_the_gradient_by_lr_times_the_value_norm(tiny):
@@ -266,7 +274,8 @@ def test_value_gd_optimizer_steps_along_the_gradient_by_lr_times_the_value_norm(
 
     templates = ["{}", "Once upon a time. {}"]
     one = _optimize_one(tiny, templates, steps=2, early_stop_loss=0.0, optimizer="gd", lr=0.3)  # one update
-    assert float(one.delta.norm()) == pytest.approx(0.3 * float(one.init.norm()), rel=1e-4)
+    # δ = lr·‖v₀‖·g/‖g‖: two norms of n entries, a few products (rel. error ~ eps·sqrt(n))
+    assert float(one.delta.norm()) == pytest.approx(0.3 * float(one.init.norm()), rel=f32_tol(1.0, terms=one.delta.numel()))
     adam = _optimize_one(tiny, templates, steps=2, early_stop_loss=0.0, lr=0.3, clamp_norm_factor=1e4)
     assert float(adam.delta.abs().max()) == pytest.approx(0.3, rel=1e-3)  # Adam's first step: lr · sign(g)
     with pytest.raises(ConfigError, match="optimizer"):
@@ -294,7 +303,9 @@ def test_rome_v_base_key(tiny):
             model, tok = tiny("tiny-llama")
             (d,) = create_editor(name, FAST, LAYERS[name], {"v_base": base}).edit(model, tok, REQS[:1]).deltas.values()
             got[name, base] = d
-    assert torch.allclose(got["rome", "key"], got["rome", "prompt"], rtol=1e-5, atol=1e-7)
-    assert not torch.allclose(got["r-rome", "key"], got["r-rome", "prompt"], rtol=1e-3, atol=1e-6)
+    # ROME: the same update from separate runs (rounding only); r-ROME: a different one, far beyond rounding
+    rome, rrome = got["rome", "prompt"], got["r-rome", "prompt"]
+    assert torch.allclose(got["rome", "key"], rome, rtol=0, atol=f32_tol(rome.abs().max(), safety=FORWARD))
+    assert (got["r-rome", "key"] - rrome).norm() > 100 * f32_tol(rrome.norm(), safety=FORWARD)
     with pytest.raises(ConfigError, match="v_base"):
         create_editor("r-rome", FAST, LAYERS["r-rome"], {"v_base": "average"})

@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 from conftest import ALL_TINY, assert_params_identical, param_clones
+from tolerance import f32_tol
 
 from mend.adapters import get_adapter
 from mend.editor import EditResult, apply_edit, create_editor, edited, editor_class
@@ -39,7 +40,9 @@ def test_apply_changes_weights_by_exactly_the_delta_and_restore_is_bit_exact(tin
         assert torch.equal(params[ref.param].detach(), before[ref.param] + stored)
         # and in the (d_out, d_in) convention, independent of the storage layout
         orig = before[ref.param].T if ref.transposed else before[ref.param]
-        torch.testing.assert_close(adapter.get_weight(ref) - orig, delta, rtol=0, atol=1e-6)
+        # W + Δ rounds by ≤ eps/2·|W + Δ| and subtracting W again by ≤ eps/2·|Δ|: ≤ eps · max(|W| + |Δ|), × 2
+        torch.testing.assert_close(adapter.get_weight(ref) - orig, delta, rtol=0,
+                                   atol=f32_tol((orig.abs() + delta.abs()).max(), safety=2))
     untouched = set(params) - {r.param for r in result.deltas}
     assert untouched and all(torch.equal(params[n].detach(), before[n]) for n in untouched)
 
@@ -59,11 +62,14 @@ def test_two_deltas_on_the_same_weight_restore_to_the_original(tiny, name):
     alias = dataclasses.replace(ref, kind="mlp_out_again")
     assert alias != ref and alias.param == ref.param
     shape = adapter.get_weight(ref).shape
-    d1, d2 = torch.randn(shape), torch.randn(shape)
+    gen = torch.Generator().manual_seed(0)
+    d1, d2 = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
 
     handle = apply_edit(model, EditResult({ref: d1, alias: d2}))
     orig = before[ref.param].T if ref.transposed else before[ref.param]
-    torch.testing.assert_close(adapter.get_weight(ref), orig + d1 + d2)
+    # two float32 additions on each side, each off by ≤ eps/2 · (|W| + |d1| + |d2|)
+    torch.testing.assert_close(adapter.get_weight(ref), orig + d1 + d2, rtol=0,
+                               atol=f32_tol((orig.abs() + d1.abs() + d2.abs()).max(), safety=2))
     handle.restore()
     assert_params_identical(model, before)
 
@@ -185,7 +191,7 @@ def test_ft_editor_raises_target_logprob_within_the_linf_ball(tiny, name):
     assert set(result.deltas) == {adapter.weight_ref(0, "mlp_out"), adapter.weight_ref(-1, "mlp_out")}
     for ref, d in result.deltas.items():
         assert d.shape == adapter.get_weight(ref).shape  # (d_out, d_in)
-        assert d.abs().max().item() <= bound + 1e-12
+        assert d.abs().max().item() <= bound + f32_tol(bound, safety=1)  # clamped at float32(bound)
         assert d.abs().max().item() > 0
     assert result.diagnostics["steps"] == len(result.diagnostics["losses"]) > 0
 
@@ -205,3 +211,83 @@ def test_ft_edits_one_stack_of_an_encoder_decoder_model(tiny):
     assert list(dec.deltas) == [adapter.weight_ref(-1, "mlp_out", "decoder")]
     with pytest.raises(ConfigError, match="stack"):
         create_editor("ft", {**cfg, "stack": "middle"}).edit(model, tok, [_request()])
+
+
+# --- every registered editor keeps the contract --------------------------------------------------------------------
+_CLOSED_FORM = {"stats": {"corpus": "self", "tokens": 256, "seq_len": 32}, "templates": {"spec": [[4, 2]]},
+                "value": {"steps": 3}, "guard": {"action": "off"}}
+
+
+def _untrained_mend(model, tok, requests):
+    """An untrained MEND editor (the hypernetwork at initialisation is one preconditioned gradient step) on the
+    MLP weights of the last two layers; statistics warmed on the requests, P from a little random text."""
+    from mend.editors.mend import MendEditor
+    from mend.factors import edit_factors
+    from mend.hypernet import HypernetConfig, MendHypernet
+    from mend.models import fingerprint
+    from mend.moments import input_moments
+    from mend.run_dir import EditedWeight, EditorInfo
+    from mend.scoring import make_batch
+
+    adapter = get_adapter(model)
+    refs = adapter.weight_refs(layers=[-2, -1])
+    hcfg = HypernetConfig(rank=8, precondition=True)
+    info = EditorInfo("tiny", fingerprint(model),
+                      [EditedWeight(r.stack, r.layer, r.kind, *adapter.get_weight(r).shape) for r in refs], hcfg)
+    hn = MendHypernet(info.specs(), hcfg)
+    batch = make_batch(tok, [r.text for r in requests], [r.target_new for r in requests], model)
+    for label, (u, d) in edit_factors(model, adapter, refs, batch, len(requests))[0].items():
+        hn.update_stats(label, u, d)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    for label, C in input_moments(model, ids, refs).items():
+        hn.set_preconditioner(label, C)
+    return MendEditor(hypernet=hn.eval(), info=info)
+
+
+# name -> (model, tokenizer, requests) -> an editor with settings small enough for the 4-layer tiny models
+TINY_EDITORS = {
+    "ft": lambda *_: create_editor("ft", {"layers": [0, -1], "lr": 1e-2, "steps": 2, "norm_constraint": 2e-2}),
+    "mend": _untrained_mend,
+    "rome": lambda *_: create_editor("rome", _CLOSED_FORM, {"layer": 1}),
+    "r-rome": lambda *_: create_editor("r-rome", _CLOSED_FORM, {"layer": 1}),
+    "memit": lambda *_: create_editor("memit", _CLOSED_FORM, {"layers": [1, 2]}),
+    "emmet": lambda *_: create_editor("emmet", _CLOSED_FORM, {"layers": [1, 2]}),
+    "alphaedit": lambda *_: create_editor("alphaedit", _CLOSED_FORM,
+                                          {"layers": [1, 2], "null_threshold": 0.5, "null_relative": True}),
+}
+
+
+@pytest.mark.parametrize("model_name", ["tiny-llama", "tiny-gpt2"])  # nn.Linear, and Conv1D stored [in, out]
+def test_every_registered_editor_keeps_the_contract(tiny, tmp_path, monkeypatch, model_name):
+    """For each name in available_editors(): edit() returns one (d_out, d_in) delta per weight it changes (nn.Linear
+    convention, also for GPT-2's transposed Conv1D) and leaves every parameter bit-identical; apply_edit changes
+    only the edited weights, and restore() brings every parameter back bit for bit."""
+    from transformers.pytorch_utils import Conv1D
+
+    from mend.editor import available_editors
+
+    monkeypatch.setenv("MEND_CACHE_DIR", str(tmp_path / "cache"))  # closed-form statistics: computed, not reused
+    missing = sorted(set(available_editors()) - set(TINY_EDITORS))
+    assert not missing, (f"registered editor(s) {missing} have no tiny-model settings: add a factory to TINY_EDITORS "
+                         "in tests/test_editor_contract.py so that the contract test covers them")
+    model, tok = tiny(model_name)
+    adapter = get_adapter(model)
+    requests = [make_request("{} is in", "The tower", " Rome", " Paris"),
+                make_request("{} plays", "Bob", " piano", " drums")]
+    for name in available_editors():
+        editor = TINY_EDITORS[name](model, tok, requests)
+        before = param_clones(model)
+        result = editor.edit(model, tok, requests)
+        assert_params_identical(model, before)  # edit() computes deltas only
+        assert result.deltas, f"{name}: no deltas"
+        for ref, d in result.deltas.items():
+            mod = adapter.module(ref)
+            d_out, d_in = (mod.nf, mod.nx) if isinstance(mod, Conv1D) else (mod.out_features, mod.in_features)
+            assert tuple(d.shape) == (d_out, d_in) == tuple(adapter.get_weight(ref).shape), (name, ref.label)
+            assert ref.transposed is (model_name == "tiny-gpt2"), (name, ref.label)
+            assert torch.isfinite(d).all(), (name, ref.label)
+        handle = apply_edit(model, result)
+        changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+        assert changed and changed <= {ref.param for ref in result.deltas}, (name, sorted(changed))
+        handle.restore()
+        assert_params_identical(model, before)
