@@ -11,6 +11,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mend.adapters import WeightRef
+from mend.config import SEED
 from mend.errors import MendError
 from mend.models import fingerprint
 
@@ -45,7 +46,7 @@ def default_templates() -> list[list[int]]:
 @dataclass
 class TemplateSettings:
     spec: list[list[int]] = field(default_factory=default_templates)  # [[length, count], ...]
-    seed: int = 0
+    seed: int = field(default=0, metadata=SEED)
 
 
 class StatsCache:

@@ -32,7 +32,7 @@ from mend.adapters import get_adapter
 from mend.config import ModelSection, build_config
 from mend.errors import ConfigError, MendError
 from mend.io import atomic_write
-from mend.models import fingerprint
+from mend.models import fingerprint, torch_dtype
 from mend.moments import KeyMoments
 from mend.paths import cache_dir
 
@@ -119,6 +119,8 @@ def load_stats(path: str | Path, model: PreTrainedModel | None = None) -> tuple[
             C = f.get_tensor(TENSOR_KEY)
     except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as e:  # damage shows as several types
         raise MendError(f"cannot read statistics file {path}: {e}") from e
+    if not isinstance(meta, dict):
+        raise MendError(f"cannot read statistics file {path}: its metadata is not a JSON object")
     if model is not None and meta.get("fingerprint") != fingerprint(model):
         raise ForeignStatistics(f"statistics in {path} were computed for model {meta.get('model')} "
                         f"({meta.get('fingerprint')}), not {model.config.name_or_path} ({fingerprint(model)})")
@@ -135,9 +137,10 @@ def _request_meta(model: PreTrainedModel, layer: int, kind: str, stack: str, spe
 _CHECKED = ("layer", "kind", "stack", "corpus", "n_tokens", "seq_len", "dtype")
 
 
-def _try_cache(path: Path, model: PreTrainedModel, want: dict[str, Any]) -> LayerStats | None:
-    """The cached statistic at ``path`` if it answers the request; None (recompute) if absent, unreadable or
-    for another request. A file for another model raises."""
+def _try_cache(path: Path, model: PreTrainedModel, want: dict[str, Any], d_in: int) -> LayerStats | None:
+    """The cached statistic at ``path`` if it answers the request (a ``(d_in, d_in)`` matrix of the requested
+    dtype); None (recompute) if absent, unreadable, damaged or for another request. A file for another model
+    raises."""
     if not path.exists():
         return None
     try:
@@ -147,7 +150,9 @@ def _try_cache(path: Path, model: PreTrainedModel, want: dict[str, Any]) -> Laye
     except MendError as e:
         log.warning("%s; recomputing", e)
         return None
-    if any(meta.get(k) != want[k] for k in _CHECKED):
+    used = meta.get("n_tokens_used")
+    if (any(meta.get(k) != want[k] for k in _CHECKED) or tuple(C.shape) != (d_in, d_in)
+            or _dtype_name(C.dtype) != want["dtype"] or isinstance(used, bool) or not isinstance(used, int)):
         log.warning("statistics file %s does not match the request; recomputing", path)
         return None
     return LayerStats(want["layer"], C, int(meta["n_tokens_used"]), path, 0.0, True, meta)
@@ -185,7 +190,8 @@ def second_moment_stats(model: PreTrainedModel, tok: PreTrainedTokenizerBase, la
     found: dict[int, LayerStats] = {}
     if cache and not force:
         for layer in want:
-            hit = _try_cache(paths[layer], model, want[layer])
+            d_in = adapter.get_weight(adapter.weight_ref(layer, kind, stack)).shape[1]
+            hit = _try_cache(paths[layer], model, want[layer], d_in)
             if hit is not None:
                 found[layer] = hit
     missing = [layer for layer in want if layer not in found]
@@ -271,21 +277,14 @@ class StatsCommand:
     progress: bool = True
 
 
-def _torch_dtype(name: str, key: str) -> torch.dtype:
-    dtype = getattr(torch, str(name), None)
-    if not isinstance(dtype, torch.dtype):
-        raise ConfigError(f"{key} must be a torch dtype name such as float32, got '{name}'")
-    return dtype
-
-
 def main(argv: list[str]) -> int:
     cfg = build_config(StatsCommand, argv, text_keys=("corpus",))
-    _check_args(list(cfg.layers), cfg.tokens, cfg.seq_len, cfg.batch_size, _torch_dtype(cfg.accumulate, "accumulate"))
+    _check_args(list(cfg.layers), cfg.tokens, cfg.seq_len, cfg.batch_size, torch_dtype(cfg.accumulate, "accumulate"))
     from mend.models import load_model
 
-    model, tok = load_model(cfg.model.name, _torch_dtype(cfg.model.dtype, "model.dtype"), cfg.model.device)
+    model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device)
     got = second_moment_stats(model, tok, list(cfg.layers), cfg.corpus, cfg.tokens, cfg.seq_len, cfg.batch_size,
-                              cfg.kind, cfg.stack, _torch_dtype(cfg.accumulate, "accumulate"), True, cfg.force,
+                              cfg.kind, cfg.stack, torch_dtype(cfg.accumulate, "accumulate"), True, cfg.force,
                               cfg.progress)
     first = next(iter(got.values()))
     print(f"model {cfg.model.name} ({fingerprint(model)}), kind {cfg.kind}, corpus {first.meta.get('corpus')}")

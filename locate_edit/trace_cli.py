@@ -8,10 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from locate_edit.trace import KINDS, TraceSettings
-from mend.config import ModelSection, build_config
+from mend.config import SEED, ModelSection, build_config
 from mend.errors import ConfigError, MendError
 
 USAGE = """
@@ -61,18 +59,11 @@ class TraceCommand:
     window: int = TraceSettings.window
     kinds: list[str] = field(default_factory=lambda: list(KINDS))
     per_fact: bool = False
-    seed: int = 0
+    seed: int = field(default=0, metadata=SEED)
     batch_tokens: int = TraceSettings.batch_tokens
     onednn: bool = True
     cache: bool = True
     progress: bool = True
-
-
-def _dtype(name: str) -> torch.dtype:
-    dtype = getattr(torch, str(name), None)
-    if not isinstance(dtype, torch.dtype):
-        raise ConfigError(f"model.dtype must be a torch dtype name such as float32, got '{name}'")
-    return dtype
 
 
 def main(argv: list[str]) -> int:
@@ -90,7 +81,7 @@ def main(argv: list[str]) -> int:
     facts = load_facts(cfg.data.name, cfg.data.path, None if correct_only else cfg.data.limit, cfg.data.on_error)
     from mend.models import load_model
 
-    model, tok = load_model(cfg.model.name, _dtype(cfg.model.dtype), cfg.model.device)
+    model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device)
     t0 = time.perf_counter()
     facts, passed = select_facts(model, tok, facts, correct_only, cfg.data.limit)
     if not facts:

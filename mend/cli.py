@@ -39,6 +39,10 @@ def run(main: Callable[[list[str]], int | None], usage: str, argv: list[str] | N
 
         print(f"error: {omega_message(e)}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:  # the file system said no (a path too long, permission denied, disk full): no bug of ours
+        where = f": {str(e.filename)[:200]}" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

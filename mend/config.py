@@ -7,7 +7,8 @@ paths); per-editor defaults in ``configs/editor/<name>.yaml``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -91,9 +92,38 @@ def build_config(
         for item in dotlist:
             key, _, raw = item.partition("=")
             OmegaConf.update(cfg, key, _value(key, raw, text_keys), merge=True, force_add=False)
+        check_values(OmegaConf.to_object(cfg))
     except OmegaConfBaseException as e:
         raise ConfigError(omega_message(e)) from e
     return cfg
+
+
+SEED = {"min": 0, "max": 2**32 - 1}  # field metadata of every seed: what numpy and Lightning accept
+
+
+def check_values(obj: Any, where: str = "") -> None:
+    """Every float of a typed config (dataclass) is finite, no string holds a NUL character (no command line can
+    carry one, and no path may), and every number of a field declared with ``metadata={"min": a, "max": b}``
+    lies in that range (lists: each item). ConfigError otherwise."""
+    if not is_dataclass(obj):
+        return
+    for f in fields(obj):
+        value, key = getattr(obj, f.name), f"{where}{f.name}"
+        if is_dataclass(value):
+            check_values(value, f"{key}.")
+            continue
+        lo, hi = f.metadata.get("min"), f.metadata.get("max")
+        for x in value if isinstance(value, list) else [value]:
+            if isinstance(x, str) and "\x00" in x:
+                raise ConfigError(f"{key} contains a NUL character")
+            if isinstance(x, bool) or not isinstance(x, (int, float)):
+                continue
+            if isinstance(x, float) and not math.isfinite(x):
+                raise ConfigError(f"{key} must be a finite number, got {x}")
+            if (lo is not None and x < lo) or (hi is not None and x > hi):
+                bounds = f"between {lo} and {hi}" if lo is not None and hi is not None else (
+                    f"at least {lo}" if lo is not None else f"at most {hi}")
+                raise ConfigError(f"{key} must be {bounds}, got {x}")
 
 
 def _value(key: str, raw: str, text_keys: tuple[str, ...]) -> Any:

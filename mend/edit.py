@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mend.cli import run
-from mend.config import ModelSection, build_config, editor_layers
+from mend.config import SEED, ModelSection, build_config, editor_layers
 from mend.editor import apply_edit, create_editor, editor_class
 from mend.errors import ConfigError
 from mend.io import write_json
@@ -61,8 +61,8 @@ class EditCommand:
     mode: str = "batch"
     json: str | None = None
     save: str | None = None
-    seed: int = 0
-    max_new_tokens: int = 12
+    seed: int = field(default=0, metadata=SEED)
+    max_new_tokens: int = field(default=12, metadata={"min": 1})
 
 
 def read_requests(cfg: Any) -> list[EditRequest]:
@@ -139,7 +139,7 @@ def main(argv: list[str]) -> int:
     name = user.pop("name")
     editor_class(name)  # fail on an unknown editor before loading the model
     torch.manual_seed(cfg.seed)
-    model, tok = load_model(cfg.model.name, getattr(torch, cfg.model.dtype), cfg.model.device)
+    model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device)
     from mend.adapters import get_adapter
 
     get_adapter(model)  # fail on an unsupported architecture before any work

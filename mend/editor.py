@@ -17,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mend.adapters import ModelAdapter, WeightRef, get_adapter
+from mend.config import check_values
 from mend.errors import ConfigError, MendError
 from mend.io import atomic_write
 from mend.requests import EditRequest
@@ -153,6 +154,8 @@ def available_editors() -> list[str]:
 
 
 def editor_class(name: str) -> type[Editor]:
+    if not isinstance(name, str):
+        raise ConfigError(f"an editor name must be a string, got {name!r}; available: {', '.join(available_editors())}")
     if name not in _REGISTRY and name in _BUILTIN:
         module, cls = _BUILTIN[name].split(":")
         _REGISTRY[name] = getattr(importlib.import_module(module), cls)
@@ -173,6 +176,10 @@ def build_editor_config(name: str, *layers: Any) -> Any:
         obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         raise ConfigError(f"editor '{name}': {_omega_msg(e)}") from e
+    try:
+        check_values(obj)
+    except ConfigError as e:
+        raise ConfigError(f"editor '{name}': {e}") from e
     return obj
 
 

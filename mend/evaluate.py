@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from mend.cli import run
-from mend.config import ModelSection, build_config, editor_layers
+from mend.config import SEED, ModelSection, build_config, editor_layers
 from mend.editor import config_keys, create_editor, editor_class
 from mend.errors import ConfigError
 from mend.evaluation.evaluator import MODES, EvalSettings, Evaluator
@@ -55,8 +55,8 @@ class DataSection:
 @dataclass
 class DrawdownSection:
     source: str = "auto"
-    chunks: int = 8
-    length: int = 128
+    chunks: int = field(default=8, metadata={"min": 0})
+    length: int = field(default=128, metadata={"min": 1})
     samples: int = 20  # single mode: measured after this many edits, spread over the run (0: every edit)
 
 
@@ -70,11 +70,11 @@ class EvaluateCommand:
     mode: str = "single"
     curve_every: int = 0
     generation: bool = False
-    generation_tokens: int = 50
+    generation_tokens: int = field(default=50, metadata={"min": 1})
     batch_size: int = 16
     drawdown: DrawdownSection = field(default_factory=DrawdownSection)
     out: str = "runs/evaluate"
-    seed: int = 0
+    seed: int = field(default=0, metadata=SEED)
     progress: bool = True
 
 
@@ -112,7 +112,7 @@ def main(argv: list[str]) -> int:
     settings = per_editor_settings(cfg, names)
     ds = load_eval_dataset(cfg)  # bad data fails before the model loads
     torch.manual_seed(cfg.seed)
-    model, tok = load_model(cfg.model.name, getattr(torch, cfg.model.dtype), cfg.model.device)
+    model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device)
     from mend.adapters import get_adapter
 
     get_adapter(model)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from mend.errors import ModelLoadError
+from mend.errors import ConfigError, ModelLoadError
 from mend.paths import cache_dir
 from mend.tiny import TINY_BUILDERS, build_tiny
 
@@ -43,12 +43,30 @@ def known_aliases() -> list[str]:
     return sorted([*GGUF_ALIASES, *TINY_BUILDERS])
 
 
+def torch_dtype(name: str | torch.dtype, key: str = "model.dtype") -> torch.dtype:
+    """A floating-point torch dtype from its name (``float32``, ``bfloat16`` ...); ConfigError otherwise."""
+    dtype = name if isinstance(name, torch.dtype) else getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ConfigError(f"{key} must be a floating-point torch dtype name such as float32, got {str(name)!r}")
+    return dtype
+
+
+def torch_device(name: str | torch.device) -> torch.device:
+    try:
+        return torch.device(name)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ConfigError(f"model.device must be a torch device such as cpu or cuda:0, got {str(name)!r}") from e
+
+
 def load_model(
-    name: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+    name: str, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load ``name`` (alias, local directory, or Hugging Face id) in eval mode; raise ModelLoadError on failure."""
+    """Load ``name`` (alias, local directory, or Hugging Face id) in eval mode, in ``dtype`` (a dtype or its name)
+    on ``device``; raise ModelLoadError on failure and ConfigError on a bad dtype or device."""
     if not isinstance(name, str) or not name.strip():
         raise ModelLoadError("model name is empty")
+    dtype = None if dtype is None else torch_dtype(dtype)
+    device = None if device is None else torch_device(device)
     if name in TINY_BUILDERS:
         model, tok = build_tiny(name)
     elif name in GGUF_ALIASES:
@@ -65,7 +83,10 @@ def load_model(
     if dtype is not None:
         model = model.to(dtype)
     if device is not None:
-        model = model.to(device)
+        try:
+            model = model.to(device)
+        except (RuntimeError, AssertionError) as e:  # a device this machine lacks ("not compiled with CUDA")
+            raise ModelLoadError(f"cannot move the model to {device}: {str(e).splitlines()[0]}") from e
     model.eval()
     model.requires_grad_(False)
     if tok.pad_token_id is None:

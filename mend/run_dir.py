@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from omegaconf import OmegaConf
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mend.errors import MendError
@@ -82,10 +83,20 @@ def read_info(run: str | Path) -> tuple[EditorInfo, dict[str, Any]]:
 def load_editor(run: str | Path, device: str | torch.device = "cpu") -> tuple[MendHypernet, EditorInfo]:
     """The hypernetwork of a run directory (eval mode), with its info."""
     info, _ = read_info(run)
-    hypernet = MendHypernet(info.specs(), info.hypernet)
-    state = load_file(str(Path(run) / EDITOR_FILE), device=str(device))
-    missing, unexpected = hypernet.load_state_dict(state, strict=False)
+    path = Path(run) / EDITOR_FILE
+    try:
+        hypernet = MendHypernet(info.specs(), info.hypernet)
+    except (ValueError, TypeError, RuntimeError) as e:  # sizes or settings no network can have
+        raise MendError(f"{Path(run) / CONFIG_FILE}: the editor section describes no valid hypernetwork "
+                        f"({str(e).splitlines()[0]})") from e
+    try:
+        state = load_file(str(path), device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise MendError(f"cannot read the editor weights {path}: {e}") from e
+    try:
+        missing, unexpected = hypernet.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes differ
+        raise MendError(f"{path} does not match its config.yaml: {str(e).splitlines()[1].strip()}") from e
     if missing or unexpected:
-        raise MendError(f"{Path(run) / EDITOR_FILE} does not match its config.yaml "
-                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise MendError(f"{path} does not match its config.yaml (missing {missing[:3]}, unexpected {unexpected[:3]})")
     return hypernet.to(device).eval(), info

@@ -135,7 +135,7 @@ def main(argv: list[str]) -> int:
     if cfg.trainer.threads > 0:
         torch.set_num_threads(cfg.trainer.threads)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    model, tok = load_model(cfg.model.name, getattr(torch, cfg.model.dtype), cfg.model.device)
+    model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device)
     adapter = get_adapter(model)
     refs = adapter.weight_refs(list(cfg.edit.kinds), list(cfg.edit.layers),
                                list(cfg.edit.stacks) if cfg.edit.stacks else None)
@@ -175,11 +175,9 @@ def main(argv: list[str]) -> int:
 
 
 def _trainer(cfg: Any, out: Path, module: Any, info: EditorInfo, train_doc: dict) -> tuple[Any, Any]:
-    import lightning.pytorch as pl
-    from lightning.pytorch.callbacks import TQDMProgressBar
-    from lightning.pytorch.loggers import TensorBoardLogger
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    from mend.checkpointing import EditorCheckpoint, SafetensorsCheckpointIO
+    from mend.checkpointing import EditorCheckpoint
     from mend.run_dir import save_editor
 
     def write_editor(pl_module: Any, step: int) -> None:
@@ -195,7 +193,21 @@ def _trainer(cfg: Any, out: Path, module: Any, info: EditorInfo, train_doc: dict
     callback = EditorCheckpoint(out, t.save_every_n_steps, write_editor, write_best if t.keep_best else None,
                                 reset_best=t.reset_best)
     batches = t.max_steps * t.accumulate_grad_batches
-    trainer = pl.Trainer(
+    try:
+        trainer = _lightning_trainer(t, batches, out, callback)
+    except (MisconfigurationException, TypeError, ValueError) as e:  # Lightning checks the trainer.* settings
+        raise ConfigError(f"trainer settings: {str(e).strip().splitlines()[0]}") from e
+    return trainer, callback
+
+
+def _lightning_trainer(t: Any, batches: int, out: Path, callback: Any) -> Any:
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import TQDMProgressBar
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from mend.checkpointing import SafetensorsCheckpointIO
+
+    return pl.Trainer(
         max_steps=t.max_steps, accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
         precision=t.precision, accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=t.gradient_clip_val or None, val_check_interval=min(t.val_check_interval, batches),
@@ -206,7 +218,6 @@ def _trainer(cfg: Any, out: Path, module: Any, info: EditorInfo, train_doc: dict
         inference_mode=False, enable_progress_bar=t.progress, enable_model_summary=False,
         fast_dev_run=t.fast_dev_run, default_root_dir=str(out),
     )
-    return trainer, callback
 
 
 def final_evaluation(cfg: Any, out: Path, model: Any, tok: Any, module: Any) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from mend.config import ModelSection
+from mend.config import SEED, ModelSection
 from mend.data.lit_data import TRAIN_FILES, TrainDataSection
 from mend.errors import ConfigError
 from mend.hypernet import ACTIVATIONS, HypernetConfig
@@ -77,7 +77,7 @@ class TrainCommand:
     name: str | None = None  # run name (default: mend-<model>-<data>)
     out: str | None = None  # run directory (default: checkpoints/<name>)
     resume: str = "auto"  # auto: continue from <out>/last when it exists; true: require it; false: start afresh
-    seed: int = 0
+    seed: int = field(default=0, metadata=SEED)
 
 
 def validate(cfg: Any) -> None:

@@ -127,7 +127,8 @@ class ModelAdapter:
     def weight_refs(
         self, kinds: list[str] | None = None, layers: list[int] | None = None, stacks: list[str] | None = None
     ) -> list[WeightRef]:
-        """Every editable MLP weight, optionally filtered by kind, layer and stack."""
+        """Every editable MLP weight, optionally filtered by kind (kinds that this architecture lacks are passed
+        over: one list serves several families), layer and stack; a filter that leaves nothing is an error."""
         out = []
         for stack in stacks or list(self.stacks):
             n = self.num_layers(stack)
@@ -136,6 +137,10 @@ class ModelAdapter:
                 for kind in self.kinds(stack):
                     if kinds is None or kind in kinds:
                         out.append(self.weight_ref(layer, kind, stack))
+        if not out:
+            known = sorted({k for s in stacks or list(self.stacks) for k in self.kinds(s)})
+            raise ConfigError(f"no weights to edit in {type(self.model).__name__} with kinds {kinds} and layers "
+                              f"{layers} (its kinds: {known})")
         return out
 
     def module(self, ref: WeightRef) -> nn.Module:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mend.data.records import EditDataset, convert, read_json_records, space, strings
+from mend.data.records import EditDataset, case_id, convert, read_json_records, space, strings
 from mend.requests import EditRequest, make_request
 
 
@@ -17,7 +17,7 @@ def rome_record(rec: dict[str, Any], i: int) -> list[EditRequest]:
         paraphrases=strings(rec.get("paraphrase_prompts")),
         neighborhood=[(p, true) for p in strings(rec.get("neighborhood_prompts"))],
         generation_prompts=strings(rec.get("generation_prompts")),
-        meta={"case_id": rec.get("case_id", i), "relation": rw.get("relation_id")},
+        meta={"case_id": case_id(rec, i), "relation": rw.get("relation_id")},
     )]
 
 
@@ -26,7 +26,7 @@ def flat_record(rec: dict[str, Any], i: int) -> list[EditRequest]:
     return [make_request(
         rec["prompt"], rec["subject"], space(rec["target_new"]), space(rec["ground_truth"]),
         paraphrases=strings(rec.get("rephrase_prompt")), neighborhood=loc,
-        meta={"case_id": rec.get("case_id", i)},
+        meta={"case_id": case_id(rec, i)},
     )]
 
 

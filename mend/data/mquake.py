@@ -9,12 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mend.data.records import EditDataset, convert, read_json_records, space, strings
+from mend.data.records import EditDataset, case_id, convert, read_json_records, space, strings
 from mend.requests import EditRequest, make_request
 
 
 def mquake_record(rec: dict[str, Any], i: int) -> list[EditRequest]:
-    case = rec.get("case_id", i)
+    case = case_id(rec, i)
     rewrites = rec["requested_rewrite"]
     if not isinstance(rewrites, list) or not rewrites:
         raise ValueError("requested_rewrite must be a non-empty list")

@@ -68,6 +68,14 @@ def convert(
     return out, skipped
 
 
+def case_id(rec: dict[str, Any], i: int) -> int | str:
+    """The record's ``case_id`` (an integer or a string: it keys the per-record results), else its index."""
+    cid = rec.get("case_id", i)
+    if isinstance(cid, bool) or not isinstance(cid, (int, str)):
+        raise RequestError(f"case_id must be an integer or a string, got {type(cid).__name__}")
+    return cid
+
+
 def space(t: Any) -> str:
     """Targets continue a prompt after a space; lists hold alternatives: the first is taken."""
     while isinstance(t, list):

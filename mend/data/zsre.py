@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from mend.data.records import EditDataset, convert, read_json_records, space, strings
+from mend.data.records import EditDataset, case_id, convert, read_json_records, space, strings
 from mend.errors import RequestError
 from mend.requests import EditRequest, make_request
 
@@ -29,7 +29,7 @@ def mend_record(rec: dict[str, Any], i: int) -> list[EditRequest]:
         prompt, subject, space(rec["alt"]), space(rec["answers"]) if rec.get("answers") else None,
         paraphrases=strings(rec.get("rephrase")),
         neighborhood=[(rec["loc"], space(rec["loc_ans"]))] if rec.get("loc") else [],
-        portability=portability, meta={"case_id": rec.get("case_id", i)},
+        portability=portability, meta={"case_id": case_id(rec, i)},
     )]
 
 
@@ -42,7 +42,7 @@ def knowedit_record(rec: dict[str, Any], i: int) -> list[EditRequest]:
     return [make_request(
         prompt, subject, space(rec["target_new"]), space(true) if true else None,
         paraphrases=strings(rec.get("rephrase_prompt")), neighborhood=loc, portability=port,
-        meta={"case_id": rec.get("case_id", i)},
+        meta={"case_id": case_id(rec, i)},
     )]
 
 
