@@ -93,11 +93,23 @@ TEXT = st.one_of(
     st.lists(st.one_of(WORDS, UNICODE, CONTROL), max_size=5).map("".join),
     st.just(""), st.just("x" * 5000), st.just("{} " * 3000),
 )
+# valid text of any script, with control characters and odd punctuation, but no placeholder, never blank and
+# without NUL (no command line can carry one)
+FREE = st.lists(st.one_of(WORDS, UNICODE, CONTROL), min_size=1, max_size=5).map("".join).map(
+    lambda t: t.replace("{", "(").replace("}", ")").replace("\x00", "")).filter(lambda t: t.strip() != "")
+VALID_PROMPT = st.tuples(FREE, FREE).map(lambda ab: f"{ab[0]}{{}}{ab[1]}")
 PROMPT = st.one_of(
-    st.tuples(TEXT, TEXT).map(lambda ab: f"{ab[0]}{{}}{ab[1]}"),  # one placeholder (mostly valid)
+    VALID_PROMPT, VALID_PROMPT, VALID_PROMPT,  # one placeholder: valid
+    st.tuples(TEXT, TEXT).map(lambda ab: f"{ab[0]}{{}}{ab[1]}"),  # one placeholder, hostile text around it
     st.tuples(TEXT, TEXT).map(lambda ab: f"{ab[0]}{{}}{{}}{ab[1]}"),  # doubled
     TEXT,  # usually none
 )
+FIELD = st.one_of(FREE, FREE, FREE, FREE, FREE, TEXT)  # five draws in six are valid
+
+
+def maybe(s: st.SearchStrategy) -> st.SearchStrategy:
+    """The value, or (one time in five) the key left out."""
+    return st.one_of(s, s, s, s, st.none())
 NUMBERS = st.one_of(
     st.integers(-5, 40), st.just(-(10**30)), st.just(10**30), st.sampled_from(["nan", "inf", "-inf", "1e999", "-0.0"]),
     st.floats(allow_nan=True, allow_infinity=True).map(repr),
@@ -238,8 +250,7 @@ def fuzz_requests(ws: Workspace, tally: Tally, n: int) -> None:
     edit = _modules()["edit"]
 
     @settings(max_examples=n, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
-    @given(st.one_of(st.none(), PROMPT), st.one_of(st.none(), TEXT), st.one_of(st.none(), TEXT),
-           st.one_of(st.none(), TEXT), st.sampled_from(["batch", "sequential"]))
+    @given(maybe(PROMPT), maybe(FIELD), maybe(FIELD), maybe(FIELD), st.sampled_from(["batch", "sequential"]))
     def case(prompt: str | None, subject: str | None, target: str | None, true: str | None, mode: str) -> None:
         given_ = {"prompt": prompt, "subject": subject, "target": target, "target_true": true}
         argv = _edit_argv(f"mode={mode}", *(f"{k}={v}" for k, v in given_.items() if v is not None))

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -30,6 +30,7 @@ from locate_edit.keys import last_token_index, subject_rows
 from locate_edit.prefix import cached_rows
 from mend.adapters import ModelAdapter
 from mend.adapters.partial import start_at_layer, supports_partial
+from mend.config import NONNEGATIVE
 from mend.errors import ConfigError
 from mend.hooks import add_to_output, capture
 from mend.requests import EditRequest
@@ -38,10 +39,10 @@ from mend.scoring import forward_target_logits, logprobs_at_targets, make_batch
 
 @dataclass
 class ValueSettings:
-    lr: float = 0.5
+    lr: float = field(default=0.5, metadata=NONNEGATIVE)
     steps: int = 20
     kl_factor: float = 0.0625
-    weight_decay: float = 0.5
+    weight_decay: float = field(default=0.5, metadata=NONNEGATIVE)
     clamp_norm_factor: float = 4.0
     early_stop_loss: float = 5e-2  # stop when every request's loss (stop_on) is below this
     # loss: the whole objective (reference code); nll: the target's NLL averaged over the templates; nll_max: the

@@ -72,7 +72,8 @@ def _hashable(k: Any) -> Any:
 
 
 def write_dir_atomically(path: Path, write: Callable[[Path], None]) -> Path:
-    """Fill a temporary folder beside ``path``, then swap it in by renames (never a half-written folder)."""
+    """Fill a temporary folder beside ``path``, then swap it in by renames (never a half-written folder; a kill
+    between the two renames leaves the old folder in ``.<name>.old.*/x``, where :func:`recover_dir` finds it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
@@ -87,6 +88,18 @@ def write_dir_atomically(path: Path, write: Callable[[Path], None]) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def recover_dir(path: Path) -> bool:
+    """Put back the folder a killed :func:`write_dir_atomically` had moved aside, when ``path`` is missing."""
+    if path.exists():
+        return False
+    old = sorted(path.parent.glob(f".{path.name}.old.*/x"), key=lambda p: p.stat().st_mtime)
+    if not old:
+        return False
+    os.rename(old[-1], path)
+    log.warning("restored %s from an interrupted replacement", path)
+    return True
 
 
 class SafetensorsCheckpointIO(CheckpointIO):
@@ -172,9 +185,10 @@ class EditorCheckpoint(pl.Callback):
         self.digests = self._gather_digests(trainer, pl_module)
 
     def _save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        trainer.save_checkpoint(self.out / "last")  # every rank calls it; rank 0 writes
+        # the editor files first: a resume state never exists without the run's config.yaml beside it
         if trainer.is_global_zero:
             self.write_editor(pl_module, trainer.global_step)
+        trainer.save_checkpoint(self.out / "last")  # every rank calls it; rank 0 writes
         self._saved_step = trainer.global_step
         log.info("checkpoint at step %d", trainer.global_step)
 

@@ -8,6 +8,7 @@ paths); per-editor defaults in ``configs/editor/<name>.yaml``.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,8 @@ def build_config(
 
 
 SEED = {"min": 0, "max": 2**32 - 1}  # field metadata of every seed: what numpy and Lightning accept
+NONNEGATIVE = {"min": 0}  # e.g. an optimiser's rates and weight decay
+INT64 = 2**63  # every integer setting must fit torch's and numpy's index type
 
 
 def check_values(obj: Any, where: str = "") -> None:
@@ -120,6 +123,8 @@ def check_values(obj: Any, where: str = "") -> None:
                 continue
             if isinstance(x, float) and not math.isfinite(x):
                 raise ConfigError(f"{key} must be a finite number, got {x}")
+            if isinstance(x, int) and not -INT64 <= x < INT64:
+                raise ConfigError(f"{key} is out of range (a 64-bit integer), got {x}")
             if (lo is not None and x < lo) or (hi is not None and x > hi):
                 bounds = f"between {lo} and {hi}" if lo is not None and hi is not None else (
                     f"at least {lo}" if lo is not None else f"at most {hi}")
@@ -128,11 +133,17 @@ def check_values(obj: Any, where: str = "") -> None:
 
 def _value(key: str, raw: str, text_keys: tuple[str, ...]) -> Any:
     if key in text_keys or raw != raw.strip():
-        return raw
+        return verbatim(raw)
     try:
         return OmegaConf.from_dotlist([f"v={raw}"])["v"]
     except Exception:  # not YAML: keep the text
         return raw
+
+
+def verbatim(text: str) -> str:
+    """``text`` escaped so that omegaconf stores it as written: ``${...}`` in a prompt is text, not an
+    interpolation (backslashes just before it are doubled, as omegaconf's grammar reads them)."""
+    return re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", text)
 
 
 def omega_message(e: OmegaConfBaseException) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning.pytorch as pl
@@ -23,6 +23,7 @@ from torchmetrics import MeanMetric
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mend.adapters import WeightRef, get_adapter
+from mend.config import NONNEGATIVE
 from mend.factors import edit_factors, edited_target_logits, row_nll, target_tokens
 from mend.hypernet import HypernetConfig, MendHypernet, WeightSpec
 from mend.moments import input_moments
@@ -37,9 +38,9 @@ LOC_KINDS = ("neighbour", "relation", "text")  # locality rows: the record's nei
 
 @dataclass
 class OptimSection:
-    lr: float = 2.0e-3  # Adam, hypernetwork weights
-    lr_alpha: float = 3.0e-2  # Adam, log step sizes (a step of 1e-2 moves α by about 1%)
-    weight_decay: float = 0.0
+    lr: float = field(default=2.0e-3, metadata=NONNEGATIVE)  # Adam, hypernetwork weights
+    lr_alpha: float = field(default=3.0e-2, metadata=NONNEGATIVE)  # Adam, log step sizes (1e-2 moves α by ~1%)
+    weight_decay: float = field(default=0.0, metadata=NONNEGATIVE)
     schedule: str = "constant"  # constant | cosine (both rates, from 1 to min_lr_ratio over trainer.max_steps)
     warmup_steps: int = 0  # linear warm-up of both rates from 0
     min_lr_ratio: float = 0.1  # cosine: the rates' final fraction

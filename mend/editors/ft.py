@@ -13,6 +13,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mend.adapters import get_adapter
+from mend.config import NONNEGATIVE
 from mend.editor import Editor, EditResult
 from mend.hooks import weight_deltas
 from mend.requests import EditRequest
@@ -24,10 +25,10 @@ class FTConfig:
     layers: list[int] = field(default_factory=lambda: [0])  # negative counts from the last layer
     kind: str = "mlp_out"
     stack: str | None = None  # encoder-decoder models: "encoder" or "decoder" (default: the first stack)
-    lr: float = 5e-4
+    lr: float = field(default=5e-4, metadata=NONNEGATIVE)
     steps: int = 25
     norm_constraint: float = 5e-4  # L∞ bound on every element of ΔW; <= 0 disables it
-    weight_decay: float = 0.0
+    weight_decay: float = field(default=0.0, metadata=NONNEGATIVE)
     early_stop_loss: float = 1e-2  # stop when the mean target NLL per token falls below this
 
 
