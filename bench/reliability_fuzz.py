@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fuzz_inputs import FIELD, JSON_VALUES, PROMPT, TEXT, VALUES, cheap, file_bytes, maybe, mutate
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -83,57 +84,6 @@ def call(module: Any, argv: list[str]) -> tuple[int | None, str | None]:
     return code, f"exit {code}, stderr: {err.getvalue()[-300:]!r}"
 
 
-# --- strategies ------------------------------------------------------------------------------------------------
-CONTROL = st.text(st.characters(max_codepoint=0x1F), min_size=1, max_size=6)
-UNICODE = st.text(st.characters(blacklist_categories=("Cs",)), max_size=30)
-WORDS = st.sampled_from(["Paris", " Rome", "The Eiffel Tower", "{}", "{}{}", "{", "}", "=", "==", "'", '"', "\\",
-                         "[", "]", "null", "~", "#", "${oc.env:HOME}", "${x}", "%s", "\u202e", "\x00", "é", "日本",
-                         "🙂", " ", "\n", "\t"])
-TEXT = st.one_of(
-    st.lists(st.one_of(WORDS, UNICODE, CONTROL), max_size=5).map("".join),
-    st.just(""), st.just("x" * 5000), st.just("{} " * 3000),
-)
-# valid text of any script, with control characters and odd punctuation, but no placeholder, never blank and
-# without NUL (no command line can carry one)
-FREE = st.lists(st.one_of(WORDS, UNICODE, CONTROL), min_size=1, max_size=5).map("".join).map(
-    lambda t: t.replace("{", "(").replace("}", ")").replace("\x00", "")).filter(lambda t: t.strip() != "")
-VALID_PROMPT = st.tuples(FREE, FREE).map(lambda ab: f"{ab[0]}{{}}{ab[1]}")
-PROMPT = st.one_of(
-    VALID_PROMPT, VALID_PROMPT, VALID_PROMPT,  # one placeholder: valid
-    st.tuples(TEXT, TEXT).map(lambda ab: f"{ab[0]}{{}}{ab[1]}"),  # one placeholder, hostile text around it
-    st.tuples(TEXT, TEXT).map(lambda ab: f"{ab[0]}{{}}{{}}{ab[1]}"),  # doubled
-    TEXT,  # usually none
-)
-FIELD = st.one_of(FREE, FREE, FREE, FREE, FREE, TEXT)  # five draws in six are valid
-
-
-def maybe(s: st.SearchStrategy) -> st.SearchStrategy:
-    """The value, or (one time in five) the key left out."""
-    return st.one_of(s, s, s, s, st.none())
-NUMBERS = st.one_of(
-    st.integers(-5, 40), st.just(-(10**30)), st.just(10**30), st.sampled_from(["nan", "inf", "-inf", "1e999", "-0.0"]),
-    st.floats(allow_nan=True, allow_infinity=True).map(repr),
-)
-VALUES = st.one_of(
-    NUMBERS.map(str), st.sampled_from(["", "[]", "{}", "[[]]", "[1,[2]]", "[-1]", "[99]", "[0,0]", "[a, b]", "true",
-                                      "false", "null", "~", "{a: 1}", "[1", "x: y", "0x10", "1_000", "'1'", "???"]),
-    st.lists(NUMBERS.map(str), max_size=4).map(lambda xs: "[" + ",".join(xs) + "]"),
-    TEXT,
-)
-COSTLY = ("limit", "steps", "tokens", "samples", "chunks", "epochs", "max_", "n_", "num_", "every", "seq_len",
-          "length", "size", "noise", "rank", "width", "repeats", "hidden", "interval", "count", "_len", "generation")
-
-
-def _cheap(key: str, value: str) -> bool:
-    """Huge or long-running settings are valid (a user may ask for 10^30 steps); they are left out, not refused."""
-    if not any(c in key.lower() for c in COSTLY):
-        return True
-    try:
-        return float(value) <= 64 or value.strip().lower() in ("nan", "inf", "1e999")
-    except ValueError:
-        return True
-
-
 # --- families --------------------------------------------------------------------------------------------------
 @dataclass
 class Workspace:
@@ -156,7 +106,7 @@ def _edit_argv(*args: str) -> list[str]:
     return [MODEL, "editor=ft", *args, *EDIT_TAIL]
 
 
-def _modules() -> dict[str, Any]:
+def commands() -> dict[str, Any]:
     import locate_edit.stats
     import locate_edit.trace_cli
     import mend.edit
@@ -207,7 +157,7 @@ def override_family(ws: Workspace) -> dict[str, tuple[Any, list[str], list[str]]
         return [k for k in _keys(schema) if not any(k.endswith(p) for p in path_keys)] + editor_keys
 
     out_dir = lambda: f"out={tempfile.mkdtemp(dir=ws.root)}"  # noqa: E731
-    m = _modules()
+    m = commands()
     return {
         "edit": (m["edit"], [MODEL, "editor=rome", "editor.layer=1", "prompt={} is in", "subject=Paris",
                              "target= Rome", "max_new_tokens=1", "editor.stats.tokens=2000"], keys(EditCommand)),
@@ -238,7 +188,7 @@ def fuzz_overrides(ws: Workspace, tally: Tally, n: int) -> None:
     def case(name: str, pairs: list[tuple[int, str]], junk: str | None) -> None:
         module, base, keys = commands[name]
         extra = [f"{keys[i % len(keys)]}={v}" for i, v in pairs]
-        extra = [a for a in extra if _cheap(*a.split("=", 1))]
+        extra = [a for a in extra if cheap(*a.split("=", 1))]
         argv = _materialise(base) + extra + ([junk] if junk is not None else [])
         tally.add(f"overrides:{name}", argv, call(module, argv))
 
@@ -247,7 +197,7 @@ def fuzz_overrides(ws: Workspace, tally: Tally, n: int) -> None:
 
 def fuzz_requests(ws: Workspace, tally: Tally, n: int) -> None:
     """Inline requests: unicode, control characters, empty / huge strings, ``{}`` missing or doubled, keys absent."""
-    edit = _modules()["edit"]
+    edit = commands()["edit"]
 
     @settings(max_examples=n, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
     @given(maybe(PROMPT), maybe(FIELD), maybe(FIELD), maybe(FIELD), st.sampled_from(["batch", "sequential"]))
@@ -259,46 +209,15 @@ def fuzz_requests(ws: Workspace, tally: Tally, n: int) -> None:
     case()
 
 
-def _record(i: int) -> dict[str, Any]:
+def counterfact_record(i: int) -> dict[str, Any]:
     return {"case_id": i, "requested_rewrite": {"prompt": "{} is located in", "subject": f"Tower {i}",
                                                 "target_new": {"str": "Rome"}, "target_true": {"str": "Paris"}},
             "paraphrase_prompts": ["Where is it? It is in"], "neighborhood_prompts": ["The Louvre is in"]}
 
 
-JSON_VALUES = st.recursive(
-    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), TEXT),
-    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(TEXT, inner, max_size=3)), max_leaves=6)
-
-
-def _mutate(doc: Any, path: list[int], value: Any, delete: bool) -> Any:
-    """Replace (or delete) the node reached by following ``path`` (indices into keys / items)."""
-    if not path or not isinstance(doc, (dict, list)) or not doc:
-        return value
-    keys = list(doc.keys()) if isinstance(doc, dict) else list(range(len(doc)))
-    k = keys[path[0] % len(keys)]
-    if delete and len(path) == 1:
-        doc = dict(doc) if isinstance(doc, dict) else list(doc)
-        del doc[k]
-        return doc
-    doc = dict(doc) if isinstance(doc, dict) else list(doc)
-    doc[k] = _mutate(doc[k], path[1:], value, delete)
-    return doc
-
-
-def _file_bytes(valid: bytes) -> st.SearchStrategy[bytes]:
-    """A valid file, truncated, with a byte run overwritten, with non-UTF-8 bytes, or replaced by junk."""
-    return st.one_of(
-        st.integers(0, len(valid)).map(lambda i: valid[:i]),
-        st.tuples(st.integers(0, len(valid)), st.binary(min_size=1, max_size=8)).map(
-            lambda t: valid[:t[0]] + t[1] + valid[t[0] + len(t[1]):]),
-        st.integers(0, len(valid)).map(lambda i: valid[:i] + b"\xff\xfe\x80" + valid[i:]),
-        st.binary(max_size=64),
-    )
-
-
 def fuzz_data_files(ws: Workspace, tally: Tally, n: int) -> None:
     """CounterFact / zsRE / request files: truncated JSON, wrong fields, non-UTF-8 bytes, a directory instead."""
-    m = _modules()
+    m = commands()
     cf = json.loads(ws.counterfact.read_text())
     zs = json.loads(ws.zsre.read_text())
 
@@ -309,9 +228,9 @@ def fuzz_data_files(ws: Workspace, tally: Tally, n: int) -> None:
         target = Path(tempfile.mkdtemp(dir=ws.root)) / "data.json"
         doc = zs if kind == "zsre" else cf
         if how <= 2:  # structured damage: a node replaced or deleted
-            target.write_text(json.dumps(_mutate(doc, path, value, delete)), encoding="utf-8")
+            target.write_text(json.dumps(mutate(doc, path, value, delete)), encoding="utf-8")
         elif how == 3:  # byte damage
-            target.write_bytes(data.draw(_file_bytes(json.dumps(doc).encode())))
+            target.write_bytes(data.draw(file_bytes(json.dumps(doc).encode())))
         elif how == 4:  # JSON lines, one of them damaged
             lines = [json.dumps(r) for r in doc]
             lines[path[0] % len(lines)] = json.dumps(value)[: path[-1]]
@@ -321,7 +240,7 @@ def fuzz_data_files(ws: Workspace, tally: Tally, n: int) -> None:
         if kind == "requests":
             if how <= 2:  # the request file format: prompt / subject / target_new records
                 reqs = [{"prompt": "{} is located in", "subject": "The Eiffel Tower", "target_new": " Rome"}]
-                target.write_text(json.dumps(_mutate(reqs, path, value, delete)), encoding="utf-8")
+                target.write_text(json.dumps(mutate(reqs, path, value, delete)), encoding="utf-8")
             argv = [MODEL, "editor=ft", f"requests={target}", *EDIT_TAIL]
             tally.add("data:requests", argv, call(m["edit"], argv))
         else:
@@ -339,7 +258,7 @@ def fuzz_run_dirs(ws: Workspace, tally: Tally, n: int) -> None:
     deleted (fingerprint, shapes, format), files missing, another model's run."""
     from mend.run_dir import CONFIG_FILE, EDITOR_FILE
 
-    edit = _modules()["edit"]
+    edit = commands()["edit"]
     import yaml
 
     cfg = yaml.safe_load((ws.run_dir / CONFIG_FILE).read_text())
@@ -352,13 +271,13 @@ def fuzz_run_dirs(ws: Workspace, tally: Tally, n: int) -> None:
         run = Path(tempfile.mkdtemp(dir=ws.root)) / "run"
         shutil.copytree(ws.foreign_run if how == 5 else ws.run_dir, run)
         if how <= 1:
-            section = {"editor": _mutate(cfg["editor"], path, value, delete)} if how == 0 else _mutate(cfg, path, value,
+            section = {"editor": mutate(cfg["editor"], path, value, delete)} if how == 0 else mutate(cfg, path, value,
                                                                                                     delete)
             (run / CONFIG_FILE).write_text(yaml.safe_dump({**cfg, **section}), encoding="utf-8")
         elif how == 2:
-            (run / EDITOR_FILE).write_bytes(data.draw(_file_bytes(weights)))
+            (run / EDITOR_FILE).write_bytes(data.draw(file_bytes(weights)))
         elif how == 3:
-            (run / CONFIG_FILE).write_bytes(data.draw(_file_bytes((ws.run_dir / CONFIG_FILE).read_bytes())))
+            (run / CONFIG_FILE).write_bytes(data.draw(file_bytes((ws.run_dir / CONFIG_FILE).read_bytes())))
         elif how == 4:
             victim = run / (EDITOR_FILE if path[0] % 2 else CONFIG_FILE)
             victim.unlink()
@@ -380,7 +299,7 @@ def fuzz_stats_files(ws: Workspace, tally: Tally, n: int) -> None:
 
     from locate_edit.stats import METADATA_KEY, TENSOR_KEY
 
-    stats = _modules()["stats"]
+    stats = commands()["stats"]
     pristine = ws.stats_file.read_bytes()
     meta = json.loads(_safetensors_meta(ws.stats_file)[METADATA_KEY])
     C = load_file(str(ws.stats_file))[TENSOR_KEY].clone()  # not a view of the file that the cases rewrite
@@ -390,7 +309,7 @@ def fuzz_stats_files(ws: Workspace, tally: Tally, n: int) -> None:
     def case(how: int, key: str, value: Any, dim: int, data: Any) -> None:
         ws.stats_file.unlink(missing_ok=True)  # a new file each time, as the project's atomic writes make (and as a user's copy)
         if how == 0:
-            ws.stats_file.write_bytes(data.draw(_file_bytes(pristine)))
+            ws.stats_file.write_bytes(data.draw(file_bytes(pristine)))
         elif how == 1:
             save_file({TENSOR_KEY: C}, str(ws.stats_file), metadata={METADATA_KEY: json.dumps({**meta, key: value})})
         elif how == 2:
@@ -418,7 +337,7 @@ def _safetensors_meta(path: Path) -> dict[str, str]:
 # --- set-up ----------------------------------------------------------------------------------------------------
 def make_workspace(root: Path) -> Workspace:
     """Train two tiny editors (fast_dev_run), cache statistics for two tiny models, write small data files."""
-    m = _modules()
+    m = commands()
     os.environ["MEND_CACHE_DIR"] = str(root / "cache")
     train = [MODEL, "trainer.fast_dev_run=true", "trainer.progress=false", "eval.enabled=false",
              "trainer.batch_size=2", "data.val_limit=2", "hypernet.rank=8"]
@@ -431,7 +350,7 @@ def make_workspace(root: Path) -> Workspace:
     foreign, own = files[0], files[-1]
     shutil.copyfile(foreign, root / "foreign-stats.safetensors")
     cf, zs = root / "cf.json", root / "zsre.json"
-    cf.write_text(json.dumps([_record(i) for i in range(3)]), encoding="utf-8")
+    cf.write_text(json.dumps([counterfact_record(i) for i in range(3)]), encoding="utf-8")
     zs.write_text(json.dumps([{"subject": f"thing {i}", "src": f"What is thing {i}?", "alt": "Rome", "answers": ["Paris"],
                                "rephrase": f"Say what thing {i} is.", "loc": "nq question: who are you",
                                "loc_ans": "me"} for i in range(3)]), encoding="utf-8")

@@ -139,7 +139,7 @@ FOUND = [  # inputs that once escaped as tracebacks (found by the fuzzing), each
 @pytest.mark.parametrize("command,argv", FOUND, ids=[f"{c}-{a[-1][:24]}" for c, a in FOUND])
 def test_inputs_that_once_crashed_are_one_line_errors(tmp_path, monkeypatch, command, argv):
     monkeypatch.setenv("MEND_CACHE_DIR", str(tmp_path / "cache"))
-    module = reliability_fuzz._modules()[command]
+    module = reliability_fuzz.commands()[command]
     out = [f"out={tmp_path / 'out'}"] if command in ("evaluate", "train") else []
     assert reliability_fuzz.call(module, [*argv, *out]) == (2, None)
 
@@ -147,7 +147,7 @@ def test_inputs_that_once_crashed_are_one_line_errors(tmp_path, monkeypatch, com
 def test_a_record_whose_case_id_is_not_a_key_is_skipped(tmp_path):
     from mend.data.counterfact import load_counterfact
 
-    rec = reliability_fuzz._record(0)
+    rec = reliability_fuzz.counterfact_record(0)
     path = tmp_path / "cf.json"
     path.write_text(json.dumps([{**rec, "case_id": [1]}, {**rec, "case_id": 7}]))
     ds = load_counterfact(str(path))
