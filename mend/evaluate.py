@@ -33,7 +33,8 @@ Run editors on the same edit requests and write <out>/results.json, <out>/result
   data.on_error=skip|fail malformed records: skip them (reported) or stop [skip]
   mode=MODE               single (each edit from the original weights), batch (all at once),
                           sequential (one after another, never restored in between) [single]
-  curve_every=N           sequential mode: measure every N edits [about ten points]
+  batch_size=N            sequential mode: N requests per edit, each edit on top of the earlier ones [1]
+  curve_every=N           sequential mode: measure every N edited requests [about ten points]
   generation=true         also measure fluency on free generations (slower)
   drawdown.source=SRC     text for perplexity drawdown: auto (WikiText in the data folder, else model samples),
                           self, none, or a path [auto]; drawdown.chunks=8 drawdown.length=128 tokens;
@@ -71,7 +72,8 @@ class EvaluateCommand:
     curve_every: int = 0
     generation: bool = False
     generation_tokens: int = field(default=50, metadata={"min": 1})
-    batch_size: int = 16
+    batch_size: int = field(default=1, metadata={"min": 1})  # sequential mode: requests per edit
+    score_batch_size: int = field(default=16, metadata={"min": 1})  # prompts per forward pass when scoring
     drawdown: DrawdownSection = field(default_factory=DrawdownSection)
     out: str = "runs/evaluate"
     seed: int = field(default=0, metadata=SEED)
@@ -152,13 +154,14 @@ def evaluate_editors(cfg: Any, model: Any, tok: Any, editors: list[tuple[str, An
     ds = ds if ds is not None else load_eval_dataset(cfg)
     chunks = drawdown_tokens(model, tok, cfg.drawdown.source, cfg.drawdown.chunks, cfg.drawdown.length, cfg.seed)
     ev = Evaluator(model, tok, ds.requests, ds.style, chunks,
-                   EvalSettings(cfg.mode, cfg.batch_size, cfg.curve_every, cfg.generation, cfg.generation_tokens,
-                                cfg.seed, cfg.drawdown.samples), progress=cfg.progress)
+                   EvalSettings(cfg.mode, cfg.score_batch_size, cfg.curve_every, cfg.generation, cfg.generation_tokens,
+                                cfg.seed, cfg.drawdown.samples, cfg.batch_size), progress=cfg.progress)
     results: dict[str, Any] = {
         "model": cfg.model.name,
         "dataset": {"name": ds.name, "path": ds.path, "n": len(ds.requests), "style": ds.style,
                     "skipped": [{"record": i, "reason": r} for i, r in ds.skipped]},
         "mode": cfg.mode,
+        **({"batch_size": cfg.batch_size} if cfg.mode == "sequential" else {}),
         "pre": ev.pre().metrics,
         "pre_records": ev.pre().records,
         "editors": {},

@@ -145,6 +145,24 @@ def test_sequential_curve_every_n(gpt2):
     assert res.metrics["drawdown_ppl"] is None  # no text given
 
 
+def test_sequential_batches_edit_on_top_of_each_other_and_restore(gpt2):
+    """batch_size=2 on 5 requests: three edits of 2, 2 and 1 requests, each from the previous weights; the curve
+    after the edits that reach 2 and 4 requests; every weight restored bit for bit."""
+    model, tok = gpt2
+    adapter, ref = _ref(model)
+    original = adapter.get_weight(ref).detach().clone()
+    before = param_clones(model)
+    ev = Evaluator(model, tok, cf_requests(5), "counterfact",
+                   settings=EvalSettings(mode="sequential", curve_every=2, batch_size=2), progress=False)
+    seq = ConstantEditor(0.01)
+    res = ev.run(seq)
+    assert [e for e in seq.events if e[0] == "edit"] == [("edit", ["c0", "c1"]), ("edit", ["c2", "c3"]),
+                                                          ("edit", ["c4"])]
+    assert torch.equal(seq.seen[0], original) and not torch.equal(seq.seen[1], original)
+    assert [p["edits"] for p in res.curve] == [2, 4, 5] and res.metrics["n"] == 5
+    assert_params_identical(model, before)
+
+
 def test_what_each_mode_edits_from(gpt2):
     """single: every edit starts from the original weights; sequential: from the previous edits; batch: one call."""
     model, tok = gpt2

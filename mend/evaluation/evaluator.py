@@ -30,12 +30,13 @@ RECORD_KEYS = ("efficacy", "generalization", "locality", "neighborhood", "edit_s
 @dataclass
 class EvalSettings:
     mode: str = "single"
-    batch_size: int = 16  # prompts per forward pass when scoring
+    score_batch_size: int = 16  # prompts per forward pass when scoring
     curve_every: int = 0  # sequential mode: measure every N edits (0: about ten points)
     generation: bool = False  # free generations for the fluency metric
     generation_tokens: int = 50
     seed: int = 0
     drawdown_samples: int = 20  # single mode: perplexity after this many edits spread over the run (0: all)
+    batch_size: int = 1  # sequential mode: requests per edit (each edit applied on top of the earlier ones)
 
 
 @dataclass
@@ -70,7 +71,7 @@ class Evaluator:
     def _ppl(self) -> float | None:
         if self.text_chunks is None or not len(self.text_chunks):
             return None
-        return perplexity(*text_nll(self.model, self.text_chunks, self.s.batch_size))
+        return perplexity(*text_nll(self.model, self.text_chunks, self.s.score_batch_size))
 
     def _fluency(self, reqs: Sequence[EditRequest]) -> list[float | None]:
         if not self.s.generation:
@@ -98,7 +99,7 @@ class Evaluator:
     def _measure_with_refs(self, idx: Sequence[int]) -> tuple[list[dict[str, Any]], list[Reference]]:
         reqs = [self.requests[i] for i in idx]
         refs = [self._refs[i] for i in idx] if self._refs else None
-        recs, new_refs = measure(self.model, self.tok, reqs, self.style, refs, self.s.batch_size)
+        recs, new_refs = measure(self.model, self.tok, reqs, self.style, refs, self.s.score_batch_size)
         for i, rec, flu in zip(idx, recs, self._fluency(reqs)):
             rec["id"] = self.requests[i].meta.get("case_id", i)
             rec["fluency"] = flu
@@ -196,19 +197,23 @@ class Evaluator:
         return EditorRun(self._aggregate(recs, dd, seconds / len(idx)), recs)
 
     def _sequential(self, editor: Editor) -> EditorRun:
-        n = len(self.requests)
+        """Edits of ``batch_size`` requests each, one on top of the other; the curve is measured (over the
+        requests edited so far) after the first edit that reaches each multiple of ``curve_every`` requests."""
+        n, size = len(self.requests), self.s.batch_size
         every = self.s.curve_every or max(1, n // 10)
         handles: list[AppliedEdit] = []
         seconds, curve = 0.0, []
         try:
             with self._bar(n, f"{editor.name} sequential") as bar:
-                for i in range(n):
-                    handle, dt = self._edit(editor, [i])
+                for start in range(0, n, size):
+                    idx = list(range(start, min(start + size, n)))
+                    handle, dt = self._edit(editor, idx)
                     handles.append(handle)
                     seconds += dt
-                    bar.update()
-                    if (i + 1) % every == 0 and i + 1 < n:
-                        curve.append(self._point(i + 1, seconds))
+                    bar.update(len(idx))
+                    done = idx[-1] + 1
+                    if done < n and done // every > start // every:
+                        curve.append(self._point(done, seconds))
             recs = self._measure(list(range(n)))
             metrics = self._aggregate(recs, self._drawdown(), seconds / n)
             curve.append({"edits": n, **{k: metrics[k] for k in _CURVE_KEYS}})
