@@ -24,36 +24,23 @@ from timing import fwd_bwd_seconds  # bench/timing.py (scripts run as python ben
 from mend.adapters import get_adapter
 from mend.data.registry import load_dataset
 from mend.data.text import statistics_tokens
-from mend.editors.mend import MendConfig, MendEditor
-from mend.factors import edit_factors
-from mend.hypernet import HypernetConfig, MendHypernet
-from mend.models import fingerprint, load_model
-from mend.moments import input_moments
+from mend.editors.mend import MendConfig, MendEditor, untrained_editor
+from mend.hypernet import HypernetConfig
+from mend.models import load_model
 from mend.paths import config_dir
-from mend.run_dir import EditedWeight, EditorInfo
-from mend.scoring import make_batch
 
 PRECONDITION_TOKENS = 2048
 
 
-def untrained_editor(model, tok, warm_requests) -> MendEditor:
+def default_untrained_editor(model, tok, warm_requests) -> MendEditor:
     """The default architecture at initialisation, its input statistics filled from a few edits (P, when
     the config preconditions, from a little text)."""
     cfg = OmegaConf.load(config_dir() / "train" / "default.yaml")
-    adapter = get_adapter(model)
-    refs = adapter.weight_refs(list(cfg.edit.kinds), list(cfg.edit.layers))
+    refs = get_adapter(model).weight_refs(list(cfg.edit.kinds), list(cfg.edit.layers))
     hcfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(HypernetConfig), cfg.hypernet))
-    info = EditorInfo(cfg.model.name, fingerprint(model),
-                      [EditedWeight(r.stack, r.layer, r.kind, *adapter.get_weight(r).shape) for r in refs], hcfg)
-    hn = MendHypernet(info.specs(), hcfg)
-    batch = make_batch(tok, [r.text for r in warm_requests], [r.target_new for r in warm_requests], model)
-    factors, _ = edit_factors(model, adapter, refs, batch, len(warm_requests))
-    for label, (u, d) in factors.items():
-        hn.update_stats(label, u, d)
-    if hcfg.precondition:  # as mend.train fits P, from fewer tokens (P's values do not change the cost)
-        for label, C in input_moments(model, statistics_tokens(model, tok, PRECONDITION_TOKENS), refs).items():
-            hn.set_preconditioner(label, C)
-    return MendEditor(hypernet=hn.eval(), info=info)
+    # as mend.train fits P, from fewer tokens (P's values do not change the cost)
+    text = statistics_tokens(model, tok, PRECONDITION_TOKENS) if hcfg.precondition else None
+    return untrained_editor(model, tok, refs, hcfg, warm_requests, text)
 
 
 def main() -> None:
@@ -69,7 +56,7 @@ def main() -> None:
     model, tok = load_model(args.model)
     reqs = load_dataset("builtin", split="test", limit=args.n + 8).requests
     editor = (MendEditor(MendConfig(checkpoint=args.checkpoint)) if args.checkpoint
-              else untrained_editor(model, tok, reqs[args.n:]))
+              else default_untrained_editor(model, tok, reqs[args.n:]))
     editor.prepare(model, tok)
     editor.edit(model, tok, reqs[:1])  # first call: allocations, lazy initialisation
     rows = []

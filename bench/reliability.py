@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 REPO = Path(__file__).resolve().parents[1]
 FUZZ_COUNTS = {"requests": 2500, "overrides": 3500, "data": 2000, "run_dirs": 1000, "stats": 1000}
 
-from reliability_fuzz import MODEL, Workspace, fuzz, make_workspace  # noqa: E402
+from reliability_fuzz import MODEL, Workspace, fuzz, make_workspace, run_captured  # noqa: E402
 
 
 # --- exact undo ------------------------------------------------------------------------------------------------
@@ -40,7 +40,7 @@ class Halfway(RuntimeError):
 
 def mixed_editor(model: Any, tok: Any, fail_at: int | None = None) -> Any:
     """One Editor that hands each call to the next of ft, rome, memit and an untrained mend editor in turn."""
-    from mend_speed import untrained_editor
+    from mend_speed import default_untrained_editor
 
     from mend.editor import Editor, create_editor
     from mend.requests import make_request
@@ -49,7 +49,7 @@ def mixed_editor(model: Any, tok: Any, fail_at: int | None = None) -> Any:
             "value": {"steps": 4}}
     warm = [make_request("{} is in", "The tower", " Rome"), make_request("{} plays", "Bob", " piano")]
     editors = [create_editor("ft", {"layers": [1], "steps": 2}), create_editor("rome", fast, {"layer": 1}),
-               create_editor("memit", fast, {"layers": [1, 2]}), untrained_editor(model, tok, warm)]
+               create_editor("memit", fast, {"layers": [1, 2]}), default_untrained_editor(model, tok, warm)]
 
     class Mixed(Editor):
         name = "mixed"
@@ -117,23 +117,14 @@ def pickle_uses() -> list[str]:
 
 def foreign_refusals(ws: Workspace) -> dict[str, Any]:
     """An editor trained for tiny-gpt2 and a tiny-gpt2 statistics file, both offered to tiny-llama."""
-    import contextlib
-    import io
     import shutil
 
     import locate_edit.stats
     import mend.edit
-    from mend.cli import run
 
     def stderr_of(module: Any, argv: list[str]) -> tuple[int, str]:
-        err = io.StringIO()
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-            try:
-                run(module.main, module.USAGE, argv)
-                code = 0
-            except SystemExit as e:
-                code = e.code
-        return code, err.getvalue().strip()
+        code, err = run_captured(module, argv)
+        return code, err.strip()
 
     from mend.models import fingerprint, load_model
 

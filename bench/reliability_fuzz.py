@@ -54,20 +54,28 @@ def _alarm(signum: int, frame: Any) -> None:
     raise _Timeout()
 
 
-def call(module: Any, argv: list[str]) -> tuple[int | None, str | None]:
-    """Run ``module.main`` as the shell would: its exit code (None if it never exited) and, unless it ended in
-    success or the one-line error, what went wrong."""
+def run_captured(module: Any, argv: list[str]) -> tuple[Any, str]:
+    """Run ``module.main`` through ``mend.cli.run`` as the shell would: (exit code, stderr). An exception that
+    escapes ``run`` propagates."""
     from mend.cli import run
 
-    out, err = io.StringIO(), io.StringIO()
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        try:
+            run(module.main, module.USAGE, list(argv))
+            code: Any = 0
+        except SystemExit as e:
+            code = e.code
+    return code, err.getvalue()
+
+
+def call(module: Any, argv: list[str]) -> tuple[int | None, str | None]:
+    """:func:`run_captured` with a time limit: the exit code (None if it never exited) and, unless the command
+    ended in success or the one-line error, what went wrong."""
     old = signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(TIMEOUT_S)
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            run(module.main, module.USAGE, list(argv))
-        code: Any = 0
-    except SystemExit as e:
-        code = e.code
+        code, err = run_captured(module, argv)
     except _Timeout:
         return None, f"no answer within {TIMEOUT_S} s"
     except BaseException as e:  # noqa: BLE001  (the point: anything escaping run is a failure)
@@ -78,10 +86,10 @@ def call(module: Any, argv: list[str]) -> tuple[int | None, str | None]:
         signal.signal(signal.SIGALRM, old)
     if code == 0:
         return 0, None
-    lines = [ln for ln in err.getvalue().replace("\r", "\n").splitlines() if ln.startswith("error:")]
-    if code == 2 and len(lines) == 1 and "Traceback" not in err.getvalue():
+    lines = [ln for ln in err.replace("\r", "\n").splitlines() if ln.startswith("error:")]
+    if code == 2 and len(lines) == 1 and "Traceback" not in err:
         return 2, None
-    return code, f"exit {code}, stderr: {err.getvalue()[-300:]!r}"
+    return code, f"exit {code}, stderr: {err[-300:]!r}"
 
 
 # --- families --------------------------------------------------------------------------------------------------

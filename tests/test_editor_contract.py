@@ -221,27 +221,12 @@ _CLOSED_FORM = {"stats": {"corpus": "self", "tokens": 256, "seq_len": 32}, "temp
 def _untrained_mend(model, tok, requests):
     """An untrained MEND editor (the hypernetwork at initialisation is one preconditioned gradient step) on the
     MLP weights of the last two layers; statistics warmed on the requests, P from a little random text."""
-    from mend.editors.mend import MendEditor
-    from mend.factors import edit_factors
-    from mend.hypernet import HypernetConfig, MendHypernet
-    from mend.models import fingerprint
-    from mend.moments import input_moments
-    from mend.run_dir import EditedWeight, EditorInfo
-    from mend.scoring import make_batch
+    from mend.editors.mend import untrained_editor
+    from mend.hypernet import HypernetConfig
 
-    adapter = get_adapter(model)
-    refs = adapter.weight_refs(layers=[-2, -1])
-    hcfg = HypernetConfig(rank=8, precondition=True)
-    info = EditorInfo("tiny", fingerprint(model),
-                      [EditedWeight(r.stack, r.layer, r.kind, *adapter.get_weight(r).shape) for r in refs], hcfg)
-    hn = MendHypernet(info.specs(), hcfg)
-    batch = make_batch(tok, [r.text for r in requests], [r.target_new for r in requests], model)
-    for label, (u, d) in edit_factors(model, adapter, refs, batch, len(requests))[0].items():
-        hn.update_stats(label, u, d)
+    refs = get_adapter(model).weight_refs(layers=[-2, -1])
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
-    for label, C in input_moments(model, ids, refs).items():
-        hn.set_preconditioner(label, C)
-    return MendEditor(hypernet=hn.eval(), info=info)
+    return untrained_editor(model, tok, refs, HypernetConfig(rank=8, precondition=True), requests, ids)
 
 
 # name -> (model, tokenizer, requests) -> an editor with settings small enough for the 4-layer tiny models

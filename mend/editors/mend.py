@@ -10,14 +10,15 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from mend.adapters import get_adapter
+from mend.adapters import WeightRef, get_adapter
 from mend.editor import Editor, EditResult
 from mend.errors import ConfigError, MendError
 from mend.factors import edit_factors
-from mend.hypernet import MendHypernet
+from mend.hypernet import HypernetConfig, MendHypernet
 from mend.models import fingerprint
+from mend.moments import input_moments
 from mend.requests import EditRequest
-from mend.run_dir import EditorInfo, load_editor
+from mend.run_dir import EditedWeight, EditorInfo, load_editor
 from mend.scoring import make_batch
 
 
@@ -85,3 +86,25 @@ class MendEditor(Editor):
             alphas = {ref.label: hypernet.alpha(ref.label).item() for ref in refs}
         return EditResult(deltas, {"alpha": alphas, "tokens": int(batch.inputs["attention_mask"].sum())},
                           time.perf_counter() - t0)
+
+
+def untrained_editor(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, refs: list[WeightRef],
+                     hcfg: HypernetConfig, warm_requests: list[EditRequest],
+                     text_ids: torch.Tensor | None = None) -> MendEditor:
+    """The hypernetwork at initialisation on ``refs``, ready to edit: its input statistics filled from the
+    gradient factors of ``warm_requests``, and its preconditioner P (when ``hcfg.precondition``) from the
+    second moment of the edited inputs over ``text_ids`` ``(n, seq)``. For latency and contract checks."""
+    adapter = get_adapter(model)
+    info = EditorInfo(str(model.config.name_or_path), fingerprint(model),
+                      [EditedWeight(r.stack, r.layer, r.kind, *adapter.get_weight(r).shape) for r in refs], hcfg)
+    hypernet = MendHypernet(info.specs(), hcfg)
+    batch = make_batch(tokenizer, [r.text for r in warm_requests], [r.target_new for r in warm_requests], model)
+    factors, _ = edit_factors(model, adapter, refs, batch, len(warm_requests))
+    for label, (u, d) in factors.items():
+        hypernet.update_stats(label, u, d)
+    if hcfg.precondition:
+        if text_ids is None:
+            raise MendError("a preconditioned editor needs text_ids for its preconditioner")
+        for label, C in input_moments(model, text_ids, refs).items():
+            hypernet.set_preconditioner(label, C)
+    return MendEditor(hypernet=hypernet.eval(), info=info)
