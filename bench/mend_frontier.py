@@ -23,8 +23,8 @@ from mend.adapters import get_adapter
 from mend.data.registry import load_dataset
 from mend.data.text import statistics_tokens
 from mend.evaluation.metrics import harmonic_mean
-from mend.factors import edit_factors, edited_target_logits, target_tokens
-from mend.hypernet import Preconditioner
+from mend.learned.factors import edit_factors, edited_target_logits, target_tokens
+from mend.learned.hypernet import Preconditioner
 from mend.models import load_model
 from mend.moments import input_moments
 from mend.paths import data_dir

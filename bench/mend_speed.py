@@ -24,8 +24,8 @@ from timing import fwd_bwd_seconds  # bench/timing.py (scripts run as python ben
 from mend.adapters import get_adapter
 from mend.data.registry import load_dataset
 from mend.data.text import statistics_tokens
-from mend.editors.mend import MendConfig, MendEditor, untrained_editor
-from mend.hypernet import HypernetConfig
+from mend.learned.hypernet import HypernetConfig
+from mend.learned.mend.editor import MendConfig, MendEditor, untrained_editor
 from mend.models import load_model
 from mend.paths import config_dir
 

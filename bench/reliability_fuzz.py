@@ -116,13 +116,13 @@ def _edit_argv(*args: str) -> list[str]:
 
 def commands() -> dict[str, Any]:
     import locate_edit.stats
-    import locate_edit.trace_cli
+    import locate_edit.trace.cli
     import mend.edit
     import mend.evaluate
     import mend.train
 
     return {"edit": mend.edit, "evaluate": mend.evaluate, "train": mend.train, "stats": locate_edit.stats,
-            "trace": locate_edit.trace_cli}
+            "trace": locate_edit.trace.cli}
 
 
 def _keys(schema: type, prefix: str = "") -> list[str]:
@@ -147,10 +147,10 @@ def _keys(schema: type, prefix: str = "") -> list[str]:
 def override_family(ws: Workspace) -> dict[str, tuple[Any, list[str], list[str]]]:
     """command -> (module, base argv that runs cheaply, keys to fuzz)."""
     from locate_edit.stats import StatsCommand
-    from locate_edit.trace_cli import TraceCommand
+    from locate_edit.trace.cli import TraceCommand
     from mend.edit import EditCommand
     from mend.evaluate import EvaluateCommand
-    from mend.train_config import TrainCommand
+    from mend.learned.train_config import TrainCommand
 
     path_keys = ("out", "save", "json", "requests", "data.path", "trace.path", "text_path")
     editor_keys = ["editor.layers", "editor.layer", "editor.lr", "editor.steps", "editor.kind", "editor.stack",
@@ -264,7 +264,7 @@ def fuzz_data_files(ws: Workspace, tally: Tally, n: int) -> None:
 def fuzz_run_dirs(ws: Workspace, tally: Tally, n: int) -> None:
     """A trained-editor run directory damaged: files truncated or overwritten, config values replaced or
     deleted (fingerprint, shapes, format), files missing, another model's run."""
-    from mend.run_dir import CONFIG_FILE, EDITOR_FILE
+    from mend.learned.run_dir import CONFIG_FILE, EDITOR_FILE
 
     edit = commands()["edit"]
     import yaml

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from locate_edit.trace_average import LAST_SUBJECT, AverageTrace
+from locate_edit.trace.average import LAST_SUBJECT, AverageTrace
 from mend.errors import ConfigError, MendError
 from mend.io import write_json
 from mend.models import fingerprint
@@ -119,8 +119,8 @@ def auto_choice(model: PreTrainedModel, tok: PreTrainedTokenizerBase, n_facts: i
     if hit is not None:
         return hit
     n_facts = n_facts or AUTO_FACTS
-    from locate_edit.trace_average import average
-    from locate_edit.trace_facts import load_facts, select_facts, trace_facts
+    from locate_edit.trace.average import average
+    from locate_edit.trace.facts import load_facts, select_facts, trace_facts
 
     known = data_dir() / "knowns" / "known_1000.json"
     name = "known" if known.exists() else "builtin"

@@ -9,15 +9,21 @@ update ``ΔW`` only; the caller adds it to the weight (transposing for GPT-2 ``C
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 __all__ = [
+    "RidgeSystem",
     "alphaedit_update",
     "emmet_update",
     "memit_update",
     "null_space_projector",
     "regularize",
+    "ridge_backward",
+    "ridge_system",
+    "ridge_update",
     "rome_direction",
     "rome_update",
 ]
@@ -112,12 +118,63 @@ def memit_update(C: Tensor, K: Tensor, R: Tensor, lam: float) -> Tensor:
     reference divides ``z − h`` by the number of remaining layers); ``lam`` is ``mom2_update_weight``.
     Shapes: ``C (d_in, d_in)``, ``K (d_in, n)``, ``R (d_out, n)``; returns ``(d_out, d_in)`` in ``R``'s dtype.
     """
+    return ridge_update(ridge_system(K, lam, C), R)
+
+
+@dataclass
+class RidgeSystem:
+    """The factorised normal matrix ``A = K Kᵀ + λ M + C_prev`` of a ridge-regularised least-squares edit
+    (``M``: ``C`` or ``I``), with what :func:`ridge_update` and :func:`ridge_backward` need. float64."""
+
+    K: Tensor  # (d_in, n)
+    M: Tensor | None  # (d_in, d_in) the preservation matrix, None for the identity
+    chol: Tensor | None  # Cholesky factor of A, or None when A was not numerically positive definite
+    A: Tensor
+
+
+def ridge_system(K: Tensor, lam: float | Tensor, C: Tensor | None = None, C_prev: Tensor | None = None) -> RidgeSystem:
+    """Factorise ``A = K Kᵀ + λ C + C_prev`` (``C`` = I when None, ``C_prev`` = 0 when None) once, for
+    :func:`ridge_update` and :func:`ridge_backward`. ``ΔW = R Kᵀ A⁻¹`` minimises
+    ``‖ΔW K − R‖² + λ tr(ΔW C ΔWᵀ) + ‖ΔW K_prev‖²`` (``C_prev = K_prev K_prevᵀ``): MEMIT's solve (``C`` the key
+    second moment), MALMEN's aggregation (``C = I``; Tan et al. 2024, eq. 5) and both with earlier edits' keys
+    preserved (AlphaEdit's / sequential ``C_prev``). ``lam`` may be a tensor (its value is used; gradients come
+    from :func:`ridge_backward`)."""
     K64 = _mat(K, "K")
-    d_in, n = K64.shape
-    C64 = _square(C, "C", d_in)
-    R64 = _mat(R, "R", cols=n)
-    # A symmetric, so ΔWᵀ = A⁻¹ K Rᵀ
-    return _spd_solve(lam * C64 + K64 @ K64.T, K64 @ R64.T).T.to(R.dtype)
+    d_in = K64.shape[0]
+    lam = float(lam.detach()) if isinstance(lam, Tensor) else float(lam)
+    A = K64 @ K64.T
+    M = None
+    if C is None:
+        A = A + lam * _eye(d_in, K64)
+    else:
+        M = _square(C, "C", d_in)
+        A = A + lam * M
+    if C_prev is not None:
+        A = A + _square(C_prev, "C_prev", d_in)
+    L, info = torch.linalg.cholesky_ex(A)
+    return RidgeSystem(K64, M, L if int(info) == 0 else None, A)
+
+
+def _ridge_solve(sys: RidgeSystem, B: Tensor) -> Tensor:
+    return torch.cholesky_solve(B, sys.chol) if sys.chol is not None else torch.linalg.solve(sys.A, B)
+
+
+def ridge_update(sys: RidgeSystem, R: Tensor) -> Tensor:
+    """``ΔW = R Kᵀ A⁻¹`` ``(d_out, d_in)`` for value shifts ``R`` ``(d_out, n)``, in ``R``'s dtype."""
+    R64 = _mat(R, "R", cols=sys.K.shape[1])
+    return _ridge_solve(sys, sys.K @ R64.T).T.to(R.dtype)  # A symmetric: ΔWᵀ = A⁻¹ K Rᵀ
+
+
+def ridge_backward(sys: RidgeSystem, G: Tensor, dW: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradients of a loss through ``ΔW = R Kᵀ A⁻¹(λ)``, given ``G = ∂L/∂ΔW`` and the ``ΔW`` of
+    :func:`ridge_update`: ``∂L/∂R = X K`` ``(d_out, n)`` with ``X = G A⁻¹``, and ``∂L/∂λ = −⟨X, ΔW C⟩``
+    (a 0-d tensor; from ``dΔW = −ΔW C A⁻¹ dλ``). MALMEN's split backward (Tan et al. 2024, §4.2): the loss's
+    graph ends at ``ΔW``, and these carry its gradient to the value shifts and λ. Returned in ``G``'s dtype."""
+    G64 = _mat(G, "G", cols=sys.K.shape[0])
+    dW64 = _mat(dW, "dW", *G64.shape)
+    X = _ridge_solve(sys, G64.T).T  # (d_out, d_in)
+    g_lam = -(X * (dW64 if sys.M is None else dW64 @ sys.M)).sum()
+    return (X @ sys.K).to(G.dtype), g_lam.to(G.dtype)
 
 
 def emmet_update(W: Tensor, C: Tensor, K: Tensor, V: Tensor, lam: float = 0.0) -> Tensor:

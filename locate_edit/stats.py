@@ -247,7 +247,8 @@ usage: python -m locate_edit.stats [config.yaml] [key=value ...]
 
 Compute (or read from the cache) C = E[k kᵀ] of MLP keys for ROME / MEMIT and print where each is cached.
 
-  model=NAME        alias, local path or Hugging Face id [smollm2-135m]; model.dtype=, model.device=
+  model=NAME        alias, local path or Hugging Face id [smollm2-135m]; model.dtype=, model.device=,
+                    model.device_map=auto
   layers=[a,b,...]  block indices (negative counts from the top); all computed in one pass (required)
   kind=KIND         the module whose input is the key: mlp_out, mlp_in, mlp_gate, mlp_up [mlp_out]
   stack=NAME        encoder or decoder for T5 [the model's first stack]
@@ -282,7 +283,7 @@ def main(argv: list[str]) -> int:
     _check_args(list(cfg.layers), cfg.tokens, cfg.seq_len, cfg.batch_size, torch_dtype(cfg.accumulate, "accumulate"))
     from mend.models import load_model
 
-    model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device)
+    model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device, cfg.model.device_map)
     got = second_moment_stats(model, tok, list(cfg.layers), cfg.corpus, cfg.tokens, cfg.seq_len, cfg.batch_size,
                               cfg.kind, cfg.stack, torch_dtype(cfg.accumulate, "accumulate"), True, cfg.force,
                               cfg.progress)

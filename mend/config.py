@@ -27,6 +27,7 @@ class ModelSection:
     name: str = "smollm2-135m"
     dtype: str = "float32"
     device: str = "cpu"
+    device_map: str | None = None  # auto | balanced | sequential: shard over the devices with accelerate
 
 
 @dataclass

@@ -28,6 +28,7 @@ usage: python -m mend.edit [config.yaml] [key=value ...]
 Apply one editor to a model and print the target probabilities and a greedy continuation before and after.
 
   model=NAME            alias (smollm2-135m, tiny-gpt2, ...), local path or Hugging Face id [smollm2-135m]
+  model.device_map=auto shard a model too large for one device over all of them (accelerate)
   editor=NAME           ft, rome, r-rome, memit, emmet, alphaedit, mend, ... [ft]
   editor.KEY=VALUE      editor settings (e.g. editor.layers=[6] editor.lr=1e-3)
   prompt=TEXT           prompt with {} where the subject goes, e.g. "{} is located in the city of"
@@ -139,7 +140,7 @@ def main(argv: list[str]) -> int:
     name = user.pop("name")
     editor_class(name)  # fail on an unknown editor before loading the model
     torch.manual_seed(cfg.seed)
-    model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device)
+    model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device, cfg.model.device_map)
     from mend.adapters import get_adapter
 
     get_adapter(model)  # fail on an unsupported architecture before any work

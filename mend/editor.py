@@ -133,7 +133,8 @@ class Editor(ABC):
 # name -> "module:Class"; imported on first use so that mend never imports locate_edit directly
 _BUILTIN: dict[str, str] = {
     "ft": "mend.editors.ft:FTEditor",
-    "mend": "mend.editors.mend:MendEditor",
+    "mend": "mend.learned.mend.editor:MendEditor",
+    "malmen": "mend.learned.malmen.editor:MalmenEditor",
     "rome": "locate_edit.rome:ROMEEditor",
     "r-rome": "locate_edit.rome:RROMEEditor",
     "memit": "locate_edit.memit:MEMITEditor",

@@ -23,6 +23,7 @@ usage: python -m mend.evaluate [config.yaml] [key=value ...]
 Run editors on the same edit requests and write <out>/results.json, <out>/results.md and plots.
 
   model=NAME              alias, local path or Hugging Face id [smollm2-135m]
+  model.device_map=auto   shard a model too large for one device over all of them (accelerate)
   editors=[a,b,...]       editors to compare (or editor=NAME for one) [ft]
   editor.KEY=VALUE        a setting for every listed editor that has it (e.g. editor.checkpoint=RUN_DIR)
   settings.NAME.KEY=VALUE a setting for one editor (e.g. settings.ft.layers=[4])
@@ -114,7 +115,7 @@ def main(argv: list[str]) -> int:
     settings = per_editor_settings(cfg, names)
     ds = load_eval_dataset(cfg)  # bad data fails before the model loads
     torch.manual_seed(cfg.seed)
-    model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device)
+    model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device, cfg.model.device_map)
     from mend.adapters import get_adapter
 
     get_adapter(model)

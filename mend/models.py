@@ -58,11 +58,19 @@ def torch_device(name: str | torch.device) -> torch.device:
         raise ConfigError(f"model.device must be a torch device such as cpu or cuda:0, got {str(name)!r}") from e
 
 
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
 def load_model(
-    name: str, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None
+    name: str, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
+    device_map: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``name`` (alias, local directory, or Hugging Face id) in eval mode, in ``dtype`` (a dtype or its name)
-    on ``device``; raise ModelLoadError on failure and ConfigError on a bad dtype or device."""
+    on ``device``, or, with ``device_map`` (auto, balanced, balanced_low_0, sequential), split block-wise over every
+    device accelerate sees (``infer_auto_device_map`` + ``dispatch_model``: a model too large for one device);
+    raise ModelLoadError on failure and ConfigError on a bad dtype, device or device map."""
+    if device_map is not None and device_map not in DEVICE_MAPS:
+        raise ConfigError(f"model.device_map must be one of {', '.join(DEVICE_MAPS)}, got '{device_map}'")
     if not isinstance(name, str) or not name.strip():
         raise ModelLoadError("model name is empty")
     dtype = None if dtype is None else torch_dtype(dtype)
@@ -82,7 +90,9 @@ def load_model(
         )
     if dtype is not None:
         model = model.to(dtype)
-    if device is not None:
+    if device_map is not None:
+        model = _dispatch(model, device_map)
+    elif device is not None:
         try:
             model = model.to(device)
         except (RuntimeError, AssertionError) as e:  # a device this machine lacks ("not compiled with CUDA")
@@ -92,6 +102,23 @@ def load_model(
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model, tok
+
+
+def _dispatch(model: PreTrainedModel, strategy: str) -> PreTrainedModel:
+    """Shard ``model`` over the available devices with accelerate (whole blocks per device, as ``from_pretrained(
+    device_map=...)`` does); on a machine with one device everything stays there."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    no_split = getattr(model, "_no_split_modules", None) or []
+    max_memory = get_balanced_memory(model, no_split_module_classes=no_split,
+                                     low_zero=strategy == "balanced_low_0") if strategy.startswith("balanced") else None
+    device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
+    if any(d in ("disk", "meta") for d in device_map.values()):
+        raise ModelLoadError("the model does not fit in the memory of this machine's devices (model.device_map)")
+    model = dispatch_model(model, device_map)
+    model.hf_device_map = device_map
+    return model
 
 
 def _auto_class(config) -> type:

@@ -61,7 +61,7 @@ TRAIN_FILES = sorted((config_dir() / "train").glob("*.yaml"))
 
 @pytest.mark.parametrize("path", TRAIN_FILES, ids=lambda p: p.name)
 def test_train_file_validates(path: Path):
-    from mend.train_config import TrainCommand, validate
+    from mend.learned.train_config import TrainCommand, validate
 
     cfg = build_config(TrainCommand, [str(path)], base=config_dir() / "train" / "default.yaml")
     validate(cfg)
@@ -70,7 +70,7 @@ def test_train_file_validates(path: Path):
 
 def test_train_defaults_are_the_schema_defaults():
     """default.yaml documents the schema's defaults; the two must not drift apart."""
-    from mend.train_config import TrainCommand
+    from mend.learned.train_config import TrainCommand
 
     schema = OmegaConf.structured(TrainCommand)
     assert OmegaConf.merge(schema, OmegaConf.load(config_dir() / "train" / "default.yaml")) == schema

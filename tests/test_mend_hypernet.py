@@ -10,10 +10,10 @@ from tolerance import FORWARD, f32_tol
 
 from mend.adapters import get_adapter
 from mend.editor import apply_edit
-from mend.factors import edit_factors, edited_target_logits, row_nll
-from mend.hypernet import HypernetConfig, MendHypernet, RunningStats, WeightSpec
+from mend.learned.factors import edit_factors, edited_target_logits, row_nll
+from mend.learned.hypernet import HypernetConfig, MendHypernet, RunningStats, WeightSpec
+from mend.learned.upper_blocks import UpperBlocks
 from mend.scoring import forward_target_logits, make_batch
-from mend.upper_blocks import UpperBlocks
 
 PROMPTS = ["The tower is located in", "Bob plays the", "A"]
 TARGETS = [" Rome", " piano", " long target"]
@@ -210,8 +210,9 @@ def _trained_looking(m, batch) -> None:
 
 def test_training_step_with_partial_passes_equals_the_full_computation(tiny):
     """The lower blocks computed once (and the edit rows run apart from the others) change nothing."""
-    from mend.data.lit_data import Sample, collate
-    from mend.lit_module import LossSection, MendModule, OptimSection
+    from mend.learned.lit_data import Sample, collate
+    from mend.learned.mend.module import MendModule
+    from mend.learned.module import LossSection, OptimSection
 
     model, tok = tiny("tiny-llama")
     refs = get_adapter(model).weight_refs(["mlp_out"], [-2, -1])
@@ -241,8 +242,9 @@ def test_text_rows_are_weighted_by_c_text_and_scored_apart(tiny):
     """loss.c_text=X: the locality term is KL(neighbour tokens) + X · KL(text tokens), each its own token mean;
     c_text=None pools both (one token mean). loc_agreement counts the neighbour rows only, text_agreement the text
     rows. The edit (made from the edit rows alone) is the same whatever the locality rows are."""
-    from mend.data.lit_data import Sample, collate
-    from mend.lit_module import LossSection, MendModule, OptimSection
+    from mend.learned.lit_data import Sample, collate
+    from mend.learned.mend.module import MendModule
+    from mend.learned.module import LossSection, OptimSection
 
     model, tok = tiny("tiny-llama")
     refs = get_adapter(model).weight_refs(["mlp_out"], [-2, -1])

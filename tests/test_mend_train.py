@@ -111,7 +111,7 @@ def test_resumed_run_continues_from_its_last_checkpoint(tmp_path):
 
 
 def test_checkpoint_io_round_trip_and_refuses_objects(tmp_path):
-    from mend.checkpointing import SafetensorsCheckpointIO
+    from mend.learned.checkpointing import SafetensorsCheckpointIO
 
     io = SafetensorsCheckpointIO()
     ckpt = {"state_dict": {"w": torch.arange(3.0)}, "optimizer_states": [{"state": {0: {"step": torch.tensor(2.0)}},
@@ -190,7 +190,7 @@ def test_bad_training_config_is_one_line(capsys):
 
 
 def test_learning_rate_schedule_is_a_function_of_the_step():
-    from mend.lit_module import OptimSection, lr_factor
+    from mend.learned.module import OptimSection, lr_factor
 
     const, cos = OptimSection(), OptimSection(schedule="cosine", min_lr_ratio=0.2)
     assert [lr_factor(s, 100, const) for s in (0, 50, 100)] == [1.0, 1.0, 1.0]
@@ -204,7 +204,7 @@ def test_learning_rate_schedule_is_a_function_of_the_step():
 def test_cosine_schedule_and_the_best_editor_kept(tmp_path, tiny):
     """The rates follow the schedule; <out>/best is a run directory of its own holding the best validation's
     editor, and the best score is part of the resume state."""
-    from mend.lit_module import OptimSection, lr_factor
+    from mend.learned.module import OptimSection, lr_factor
 
     out = tmp_path / "run"
     metrics = train(out, "model=tiny-llama", "trainer.max_steps=4", "trainer.val_check_interval=2",
@@ -229,7 +229,7 @@ def test_cosine_schedule_and_the_best_editor_kept(tmp_path, tiny):
                  "trainer.keep_best=false")["steps"] == 2
     assert not (tmp_path / "nobest" / "best").exists()
     # resumed with trainer.reset_best: the earlier best score is forgotten, the next validation's editor is kept
-    from mend.checkpointing import EditorCheckpoint
+    from mend.learned.checkpointing import EditorCheckpoint
 
     cb = EditorCheckpoint(out, 2, lambda *a: None, lambda *a: None, reset_best=True)
     cb.load_state_dict({"best": 0.9})
@@ -246,7 +246,7 @@ def test_cosine_schedule_and_the_best_editor_kept(tmp_path, tiny):
 def test_text_locality_rows_come_from_the_text_file(tmp_path):
     """data.text_locality adds (prefix, continuation) rows of ordinary text to every sample's locality rows, read
     from the given file (never WikiText's test file, the evaluator's drawdown text); a missing file is one error."""
-    from mend.data.lit_data import SampleSource, TrainDataSection, collate, load_text_pairs, text_pairs
+    from mend.learned.lit_data import SampleSource, TrainDataSection, collate, load_text_pairs, text_pairs
 
     words = [f"w{i}" for i in range(50)]
     assert text_pairs([" ".join(words), "too short"]) == [(" ".join(words[:32]), " " + " ".join(words[32:44]))]
@@ -269,7 +269,7 @@ def test_text_locality_rows_come_from_the_text_file(tmp_path):
 def test_relation_locality_rows_are_other_records_of_the_same_relation():
     """data.relation_locality=N: N rows of other records with the edit's prompt template, with their true targets;
     none for a record alone with its template; the record's own neighbour row stays first."""
-    from mend.data.lit_data import SampleSource, collate
+    from mend.learned.lit_data import SampleSource, collate
 
     reqs = [make_request("{} is located in", s, " Rome", t, neighborhood=[(f"Near {s} is", " x")])
             for s, t in (("The tower", " Paris"), ("Big Ben", " London"), ("The Colosseum", " Rome"))]
@@ -300,7 +300,7 @@ def test_training_with_text_and_relation_locality_runs(tmp_path):
 
 def test_preconditioned_training_saves_p_and_the_reloaded_editor_edits(tmp_path, tiny):
     """hypernet.precondition=true: P is fitted from text before step 0, saved with the editor, and used on reload."""
-    from mend.run_dir import load_editor
+    from mend.learned.run_dir import load_editor
 
     text = tmp_path / "text.txt"
     text.write_text("\n".join(" ".join(f"p{j}w{i}" for i in range(60)) for j in range(20)))

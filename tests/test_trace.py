@@ -9,8 +9,8 @@ from conftest import ALL_TINY, DECODER_ONLY
 from tolerance import FORWARD, f32_tol
 
 from locate_edit.trace import Fact, Tracer, TraceSettings, fact_run, prepare, trace_fact
-from locate_edit.trace_average import ROWS, AverageTrace, average, token_rows
-from locate_edit.trace_engine import corrupted_probs, prefix_engine_applies, probs_with_states
+from locate_edit.trace.average import ROWS, AverageTrace, average, token_rows
+from locate_edit.trace.engine import corrupted_probs, prefix_engine_applies, probs_with_states
 
 PREFIX = "In 1889, "
 SUBJECT = "the tower"

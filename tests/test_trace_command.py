@@ -16,8 +16,8 @@ from locate_edit.layer_choice import (
     resolve_layers,
     store_choice,
 )
-from locate_edit.trace_average import ROWS, AverageTrace
-from locate_edit.trace_cli import USAGE, main
+from locate_edit.trace.average import ROWS, AverageTrace
+from locate_edit.trace.cli import USAGE, main
 from mend.errors import ConfigError
 from mend.models import fingerprint
 
@@ -120,7 +120,7 @@ def _choice(model, rome: int, memit: list[int], n: int = 10) -> LayerChoice:
 
 
 def test_auto_reads_the_cache_without_tracing(tiny, monkeypatch):
-    import locate_edit.trace_facts as tf
+    import locate_edit.trace.facts as tf
 
     model, tok = tiny("tiny-gpt2")
     assert resolve_layers(5, model, tok, many=False) == 5 and resolve_layers([1, 2], model, tok, many=True) == [1, 2]
@@ -143,7 +143,7 @@ def test_a_cached_choice_from_more_facts_is_kept(tiny):
 
 def test_auto_traces_once_on_first_use_and_caches(tiny, monkeypatch):
     import locate_edit.layer_choice as lc
-    import locate_edit.trace_facts as tf
+    import locate_edit.trace.facts as tf
 
     monkeypatch.setattr(lc, "AUTO_FACTS", 2)
     model, tok = tiny("tiny-llama")

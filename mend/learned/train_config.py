@@ -7,10 +7,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mend.config import SEED, ModelSection
-from mend.data.lit_data import TRAIN_FILES, TrainDataSection
 from mend.errors import ConfigError
-from mend.hypernet import ACTIVATIONS, HypernetConfig
-from mend.lit_module import SCHEDULES, LossSection, OptimSection
+from mend.learned.hypernet import ACTIVATIONS, HypernetConfig
+from mend.learned.lit_data import TRAIN_FILES, TrainDataSection
+from mend.learned.malmen.solve import MalmenSection
+from mend.learned.module import SCHEDULES, LossSection, OptimSection
+
+METHODS = ("mend", "malmen")  # the learned editor a run trains (editor name of the run directory)
 
 
 @dataclass
@@ -62,6 +65,7 @@ class EvalSection:
 
 @dataclass
 class TrainCommand:
+    method: str = "mend"  # mend: one edit's factors summed (Mitchell et al.); malmen: many edits, least squares
     model: ModelSection = field(default_factory=ModelSection)
     data: TrainDataSection = field(default_factory=TrainDataSection)
     edit: EditSection = field(default_factory=EditSection)
@@ -73,6 +77,7 @@ class TrainCommand:
     loss: LossSection = field(default_factory=lambda: LossSection(c_loc=1.25))
     trainer: TrainerSection = field(default_factory=TrainerSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    malmen: MalmenSection = field(default_factory=MalmenSection)
     norm_warmup: int = 20  # batches of factors that fill the input statistics before the first step
     name: str | None = None  # run name (default: mend-<model>-<data>)
     out: str | None = None  # run directory (default: checkpoints/<name>)
@@ -96,6 +101,15 @@ def validate(cfg: Any) -> None:
         raise ConfigError("hypernet.n_blocks, norm_warmup and eval.drawdown_samples must be >= 0")
     if cfg.hypernet.act not in ACTIVATIONS:
         raise ConfigError(f"hypernet.act must be one of {', '.join(sorted(ACTIVATIONS))}, got '{cfg.hypernet.act}'")
+    if cfg.method not in METHODS:
+        raise ConfigError(f"method must be one of {', '.join(METHODS)}, got '{cfg.method}'")
+    if cfg.method == "malmen" and t.accumulate_grad_batches != 1:
+        raise ConfigError("method=malmen steps by hand (split backward): trainer.accumulate_grad_batches must be 1; "
+                          "raise trainer.batch_size (edits per step) instead")
+    from mend.learned.factors import POSITIONS
+
+    if cfg.hypernet.positions not in POSITIONS:
+        raise ConfigError(f"hypernet.positions must be one of {', '.join(POSITIONS)}, got '{cfg.hypernet.positions}'")
     cfg.resume = str(cfg.resume).lower()
     if cfg.resume not in ("auto", "true", "false"):
         raise ConfigError(f"resume must be auto, true or false, got '{cfg.resume}'")

@@ -54,6 +54,7 @@ class HypernetConfig:
     precondition: bool = False  # ΔW = −α Σ δ̃ (P ũ)ᵀ, P = (C/τ + λI)⁻¹ from the inputs' second moment C (see above)
     precondition_ridge: float = 1.0e-2  # λ, relative to the mean eigenvalue τ of C
     precondition_tokens: int = 50_000  # tokens of ordinary text C is gathered over (python -m mend.train)
+    positions: str = "all"  # the tokens whose factors are edited: all (MEND) or target (those predicting the answer)
 
 
 @dataclass(frozen=True)
@@ -232,6 +233,11 @@ class MendHypernet(nn.Module):
         """Whether ``P`` is used and every weight's is set (False when ``precondition`` is off)."""
         return self.cfg.precondition and all(bool(p.fitted) for p in self.precond.values())
 
+    @property
+    def needs_second_moment(self) -> bool:
+        """Whether the inputs' second moment must be gathered before use (:meth:`set_preconditioner`)."""
+        return self.cfg.precondition and not self.preconditioned
+
     def set_preconditioner(self, label: str, C: torch.Tensor) -> None:
         """Set one weight's ``P = (C/τ + λI)⁻¹`` from the uncentred second moment ``C`` (d_in, d_in) of its input."""
         if not self.cfg.precondition:
@@ -275,3 +281,4 @@ class MendHypernet(nn.Module):
         if label not in self._index:
             raise KeyError(f"weight {label!r} is not edited by this editor; it edits {list(self._index)}")
         return self.weights[self._index[label]]
+

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from locate_edit.trace import KINDS, TraceSettings
+from locate_edit.trace.core import KINDS, TraceSettings
 from mend.config import SEED, ModelSection, build_config
 from mend.errors import ConfigError, MendError
 
@@ -20,7 +20,8 @@ at a time and measure how much of the probability of the model's own answer come
 <out>/trace.json (every fact and the average), <out>/trace_average.png, and with per_fact=true
 <out>/facts/fact_NNN.png; prints the layers recommended for ROME and MEMIT and caches them for layer=auto.
 
-  model=NAME          alias, local path or Hugging Face id [smollm2-135m]; model.dtype=, model.device=
+  model=NAME          alias, local path or Hugging Face id [smollm2-135m]; model.dtype=, model.device=,
+                      model.device_map=auto
   data=NAME           known (ROME's known facts: subject, prompt, attribute), counterfact, builtin [known]
   data.path=PATH      the data file (default: its usual place under $MEND_DATA_DIR)
   data.limit=N        trace N facts (those passed over by correct_only do not count) [all]
@@ -75,19 +76,19 @@ def main(argv: list[str]) -> int:
         raise ConfigError(f"noise must be >= 0, got {cfg.noise}")
     if cfg.data.limit is not None and cfg.data.limit <= 0:
         raise ConfigError(f"data.limit must be positive, got {cfg.data.limit}")
-    from locate_edit.trace_facts import load_facts, select_facts
+    from locate_edit.trace.facts import load_facts, select_facts
 
     correct_only = cfg.data.correct_only
     facts = load_facts(cfg.data.name, cfg.data.path, None if correct_only else cfg.data.limit, cfg.data.on_error)
     from mend.models import load_model
 
-    model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device)
+    model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device, cfg.model.device_map)
     t0 = time.perf_counter()
     facts, passed = select_facts(model, tok, facts, correct_only, cfg.data.limit)
     if not facts:
         raise MendError(f"no fact to trace: the model predicts none of the {passed} expected answers "
                         "(data.correct_only=false traces the model's own predictions)")
-    from locate_edit.trace_facts import trace_facts
+    from locate_edit.trace.facts import trace_facts
 
     traces, noise_std = trace_facts(model, tok, facts, cfg.noise, settings, cfg.seed, cfg.progress)
     seconds = time.perf_counter() - t0
@@ -98,8 +99,8 @@ def main(argv: list[str]) -> int:
 
 def _write(cfg: Any, model, traces, noise_std: float, passed: int, seconds: float) -> tuple[dict, dict[str, Path]]:
     from locate_edit.layer_choice import make_choice, store_choice
-    from locate_edit.trace_average import average
-    from locate_edit.trace_plot import plot_average, plot_fact
+    from locate_edit.trace.average import average
+    from locate_edit.trace.plot import plot_average, plot_fact
     from mend.io import write_json
     from mend.models import fingerprint
 
@@ -133,7 +134,7 @@ def _write(cfg: Any, model, traces, noise_std: float, passed: int, seconds: floa
 
 
 def _print_summary(cfg: Any, doc: dict[str, Any], paths: dict[str, Path]) -> None:
-    from locate_edit.trace_average import ROWS
+    from locate_edit.trace.average import ROWS
 
     avg = doc["average"]
     print(f"model {doc['model']} | data {cfg.data.name}: {doc['data']['n']} facts traced "

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from locate_edit.trace import FactTrace
-from locate_edit.trace_average import ROWS, AverageTrace
+from locate_edit.trace.average import ROWS, AverageTrace
+from locate_edit.trace.core import FactTrace
 from mend.io import atomic_write
 
 CMAPS = {"residual": "Purples", "mlp": "Greens", "attn": "Reds"}

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from locate_edit.trace import Fact, FactTrace, Tracer, TraceSettings, embedding_std, prepare, trace_fact
+from locate_edit.trace.core import Fact, FactTrace, Tracer, TraceSettings, embedding_std, prepare, trace_fact
 from mend.errors import ConfigError, MendError
 from mend.onednn import onednn_linears
 from mend.scoring import encode_pair

@@ -1,10 +1,10 @@
-"""The LightningModule that trains MEND's hypernetwork on a frozen base model.
+"""The common part of the LightningModules that train a learned editor's hypernetwork on a frozen base model
+(MEND: :mod:`mend.learned.mend.module`; MALMEN: :mod:`mend.learned.malmen.module`), and the metrics they share.
 
-One step (Mitchell et al. 2022, Alg. 1): the edit examples' factors ``(u, δ)`` → ``ΔW = −α Σ δ̃ ũᵀ`` (the B edits
-of a batch summed) → the edited model, run with ``torch.func.functional_call``, on the edit prompts and their
-paraphrases (``L_e``: mean target NLL per row) and on locality examples (``L_loc``: KL(pre ‖ post) over the answer
-tokens) → ``loss = c_edit · L_e + c_loc · L_loc``, differentiated w.r.t. the hypernetwork only. The edit prompt
-itself is in ``L_e`` beside its paraphrases: trained on paraphrases alone, success on the edit prompt decays.
+The loss of both: the edited model on the edit prompts and their paraphrases (``L_e``: mean target NLL per row) and
+on locality examples (``L_loc``: KL(pre ‖ post) over the answer tokens), ``loss = c_edit · L_e + c_loc · L_loc``,
+differentiated w.r.t. the hypernetwork only. The edit prompt itself is in ``L_e`` beside its paraphrases: trained
+on paraphrases alone, success on the edit prompt decays.
 
 The base model is held outside the module's registered children: it is neither trained, checkpointed nor
 wrapped by DDP; it follows the module's device.
@@ -24,11 +24,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mend.adapters import WeightRef, get_adapter
 from mend.config import NONNEGATIVE
-from mend.factors import edit_factors, edited_target_logits, row_nll, target_tokens
-from mend.hypernet import HypernetConfig, MendHypernet, WeightSpec
+from mend.learned.factors import edit_factors, target_tokens
+from mend.learned.hypernet import MendHypernet, WeightSpec
+from mend.learned.upper_blocks import UpperBlocks
 from mend.moments import input_moments
-from mend.scoring import TargetBatch, forward_target_logits, make_batch, select_rows
-from mend.upper_blocks import UpperBlocks
+from mend.scoring import TargetBatch, make_batch
 
 log = logging.getLogger(__name__)
 VAL_METRICS = ("loss", "edit_nll", "kl", "edit_acc", "edit_success", "edit_success_pre", "loc_agreement", "drawdown",
@@ -86,14 +86,18 @@ def weight_specs(model: PreTrainedModel, refs: list[WeightRef]) -> list[WeightSp
     return [WeightSpec(r.label, *adapter.get_weight(r).shape) for r in refs]
 
 
-class MendModule(pl.LightningModule):
+class LearnedModule(pl.LightningModule):
+    """What the learned editors' Lightning modules share: the frozen base model, the hypernetwork's set-up before
+    step 0 (second moments, input statistics), the optimizer and its schedule, validation metrics. Subclasses give
+    the hypernetwork and the steps."""
+
     def __init__(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, refs: list[WeightRef],
-                 hypernet: HypernetConfig, optim: OptimSection, loss: LossSection, norm_warmup: int = 20,
+                 hypernet: MendHypernet, optim: OptimSection, loss: LossSection, norm_warmup: int = 20,
                  cache_mb: float = 0.0):
         super().__init__()
         model.requires_grad_(False)
         self.frozen = _Frozen(model, tok, refs, cache_mb)
-        self.hypernet = MendHypernet(weight_specs(model, refs), hypernet)
+        self.hypernet = hypernet
         self.optim, self.loss_cfg, self.norm_warmup = optim, loss, norm_warmup
         self.val_metrics = torch.nn.ModuleDict({k: MeanMetric() for k in VAL_METRICS})
 
@@ -105,10 +109,11 @@ class MendModule(pl.LightningModule):
 
     # --- set-up ----------------------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
-        self.frozen.model.to(self.device)
+        if getattr(self.frozen.model, "hf_device_map", None) is None:  # a sharded model stays where accelerate put it
+            self.frozen.model.to(self.device)
 
     def on_train_start(self) -> None:
-        if self.hypernet.cfg.precondition and not self.hypernet.preconditioned:
+        if self.hypernet.needs_second_moment:
             self.fit_preconditioner()
         if self.hypernet.cfg.norm and not self.hypernet.stats_ready:
             self.warm_up_statistics()
@@ -131,93 +136,34 @@ class MendModule(pl.LightningModule):
         for b in batches:
             tb = self._tokenize(b["prompt"], b["target"])
             with self.frozen.upper.only(tb):
-                factors, _ = edit_factors(self.frozen.model, self.frozen.adapter, self.frozen.refs, tb, len(tb.prompt_lens))
+                factors, _ = edit_factors(self.frozen.model, self.frozen.adapter, self.frozen.refs, tb, len(tb.prompt_lens),
+                                          positions=self.hypernet.cfg.positions)
             for label, (u, d) in factors.items():
                 self.hypernet.update_stats(label, u, d)
         n = int(next(iter(self.hypernet.stats_u.values())).count)
         log.info("input statistics warmed up on %d batches (%d tokens per weight)", len(batches), n)
 
+    def _scalar_rates(self) -> dict[str, float]:
+        """The hypernetwork's scalar parameters with a learning rate of their own."""
+        return {"log_alpha": self.optim.lr_alpha}
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        others = [p for n, p in self.hypernet.named_parameters() if n != "log_alpha"]
+        scalars = self._scalar_rates()
+        others = [p for n, p in self.hypernet.named_parameters() if n not in scalars]
         return torch.optim.Adam([
             {"params": others, "lr": self.optim.lr, "weight_decay": self.optim.weight_decay},
-            {"params": [self.hypernet.log_alpha], "lr": self.optim.lr_alpha, "weight_decay": 0.0},
+            *({"params": [getattr(self.hypernet, n)], "lr": lr, "weight_decay": 0.0} for n, lr in scalars.items()),
         ])
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         factor = lr_factor(self.trainer.global_step, self.optim.schedule_steps or self.trainer.max_steps, self.optim)
-        base = (self.optim.lr, self.optim.lr_alpha)
-        for group, lr in zip(self.optimizers(use_pl_optimizer=False).param_groups, base):
+        base = (self.optim.lr, *self._scalar_rates().values())
+        for group, lr in zip(self.optimizers(use_pl_optimizer=False).param_groups, base, strict=True):
             group["lr"] = lr * factor
 
     # --- the step --------------------------------------------------------------------------------------------
     def _tokenize(self, prompts: list[str], targets: list[str]) -> TargetBatch:
         return make_batch(self.frozen.tok, prompts, targets, self.frozen.model)
-
-    def deltas(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[WeightRef, torch.Tensor]:
-        return {ref: self.hypernet.delta(ref.label, *factors[ref.label]) for ref in self.frozen.refs}
-
-    def step(self, batch: dict[str, list], update_stats: bool) -> dict[str, torch.Tensor]:
-        """Loss and diagnostics for a batch of B edits. Rows: B edit prompts, their paraphrases (the edit loss
-        rows, ``n_edit`` in all), then the locality examples (``batch["loc_kind"]``: neighbour, relation or text)."""
-        n = len(batch["prompt"])
-        n_edit = n + len(batch["paraphrase"])
-        f = self.frozen
-        tb = self._tokenize(batch["prompt"] + batch["paraphrase"] + batch["loc_prompt"],
-                            batch["target"] + batch["para_target"] + batch["loc_target"])
-        rows_all = tb.target_ids.shape[0]
-        hidden = f.upper.lower(tb)  # (R, L, d) input of the first edited block, or None (no partial passes)
-        # The factors need gradients on the edit rows only; the other rows' unedited logits need none.
-        edit_tb, rest_tb = select_rows(tb, 0, n), select_rows(tb, n, rows_all)
-        with f.upper.start_from(_slice(hidden, edit_tb, 0, n)):
-            factors, pre_edit = edit_factors(f.model, f.adapter, f.refs, edit_tb, n)
-        with torch.no_grad(), f.upper.start_from(_slice(hidden, rest_tb, n, rows_all)):
-            pre_rest = forward_target_logits(f.model, rest_tb, packed=True)
-        pre = torch.cat([pre_edit, pre_rest])  # (N, V) unedited, packed (rows in order)
-        if update_stats:
-            for label, (u, d) in factors.items():
-                self.hypernet.update_stats(label, u, d)
-        deltas = self.deltas(factors)
-        with f.upper.start_from(hidden):
-            post = edited_target_logits(f.model, f.adapter, tb, deltas)  # (N, V) edited
-        rows, _ = target_tokens(tb)
-        kind = _token_kinds(batch, rows, n_edit)
-        text = kind == LOC_KINDS.index("text")
-        loc = rows >= n_edit  # (N,) locality tokens
-        edit_nll = row_nll(post, tb)[:n_edit].mean()
-        lp_pre = torch.log_softmax(pre[loc].float(), -1)
-        lp_post = torch.log_softmax(post[loc].float(), -1)
-        kl_tok = (lp_pre.exp() * (lp_pre - lp_post)).sum(-1)  # KL(pre ‖ post) per locality token
-        c_text, text_loc = self.loss_cfg.c_text, text[loc]
-        if c_text is None or not text_loc.any():
-            kl = kl_tok.mean()
-        else:
-            kl = kl_tok[~text_loc].mean() + c_text * kl_tok[text_loc].mean()
-        loss = self.loss_cfg.c_edit * edit_nll + self.loss_cfg.c_loc * kl
-        out = {"loss": loss, "edit_nll": edit_nll.detach(), "kl": kl.detach()}
-        out.update(_accuracies(pre.detach(), post.detach(), tb, n_edit, kind))
-        out["delta_norm"] = torch.stack([d.detach().norm() for d in deltas.values()]).mean()
-        return out
-
-    def training_step(self, batch: dict[str, list], batch_idx: int) -> torch.Tensor:
-        out = self.step(batch, update_stats=self.hypernet.cfg.norm)
-        bs = len(batch["prompt"])
-        self.log("train/loss", out["loss"], prog_bar=True, batch_size=bs)
-        self.log("train/edit_success", out["edit_success"], prog_bar=True, batch_size=bs)
-        self.log("train/kl", out["kl"], prog_bar=True, batch_size=bs)
-        for k in ("edit_nll", "edit_acc", "edit_success_pre", "loc_agreement", "drawdown", "delta_norm",
-                  "relation_agreement", "text_agreement"):
-            if k in out:
-                self.log(f"train/{k}", out[k], batch_size=bs)
-        self.log("train/alpha", self.hypernet.log_alpha.detach().exp().mean(), batch_size=bs)
-        self.log("train/lr", self.optimizers(use_pl_optimizer=False).param_groups[0]["lr"], batch_size=bs)
-        return out["loss"]
-
-    def validation_step(self, batch: dict[str, list], batch_idx: int) -> None:
-        out = self.step(batch, update_stats=False)
-        for k in VAL_METRICS:
-            if k in out:  # relation_agreement / text_agreement: only with such rows
-                self.val_metrics[k].update(out[k].detach())
 
     def on_validation_epoch_end(self) -> None:
         values: dict[str, torch.Tensor] = {}
@@ -237,12 +183,7 @@ def val_score(edit_success: torch.Tensor, loc_agreement: torch.Tensor) -> torch.
     return 2 * a * b / (a + b).clamp_min(1e-12)  # 0 when both are 0
 
 
-def _slice(hidden: torch.Tensor | None, sub: TargetBatch, lo: int, hi: int) -> torch.Tensor | None:
-    """The rows [lo, hi) of a cached hidden state, trimmed like ``sub`` (see ``select_rows``)."""
-    return None if hidden is None else hidden[lo:hi, : sub.inputs["input_ids"].shape[1]]
-
-
-def _token_kinds(batch: dict[str, list], rows: torch.Tensor, n_edit: int) -> torch.Tensor:
+def token_kinds(batch: dict[str, list], rows: torch.Tensor, n_edit: int) -> torch.Tensor:
     """(N,) the kind of each target token's row: -1 for the edit rows, else its index in ``LOC_KINDS`` (from
     ``batch["loc_kind"]``, which ``collate`` writes)."""
     per_row = torch.tensor([-1] * n_edit + [LOC_KINDS.index(k) for k in batch["loc_kind"]], device=rows.device)
@@ -250,15 +191,15 @@ def _token_kinds(batch: dict[str, list], rows: torch.Tensor, n_edit: int) -> tor
 
 
 @torch.no_grad()
-def _accuracies(pre: torch.Tensor, post: torch.Tensor, tb: TargetBatch, n_edit: int,
+def accuracies(pre_top: torch.Tensor, post_top: torch.Tensor, tb: TargetBatch, n_edit: int,
                 kind: torch.Tensor) -> dict[str, torch.Tensor]:
     """Edit accuracy / success (the first ``n_edit`` rows), locality agreement on the neighbour rows, agreement on
     the relation and text rows (when there are any; ``kind`` from ``_token_kinds``) and drawdown (all locality
-    rows), from packed (N, V) target logits before and after the edit."""
+    rows), from the (N,) argmax of the packed target logits before and after the edit."""
     rows, ids = target_tokens(tb)
-    hit_post, hit_pre = post.argmax(-1) == ids, pre.argmax(-1) == ids  # (N,)
+    hit_post, hit_pre = post_top == ids, pre_top == ids  # (N,)
     edit, loc = rows < n_edit, rows >= n_edit
-    agree = post.argmax(-1) == pre.argmax(-1)
+    agree = post_top == pre_top
 
     def success(hit: torch.Tensor) -> torch.Tensor:  # rows whose every target token is the argmax
         misses = torch.zeros(tb.target_mask.shape[0], device=hit.device).index_add(0, rows, (~hit).float())

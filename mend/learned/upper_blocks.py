@@ -98,3 +98,8 @@ class UpperBlocks:
         elif self._used <= self.cache_bytes:
             log.info("hidden-state cache full (%d sequences, %.0f MB)", len(self._cache), self._used / 2**20)
             self._used = self.cache_bytes + 1  # log once
+
+
+def hidden_rows(hidden: torch.Tensor | None, sub: TargetBatch, lo: int, hi: int) -> torch.Tensor | None:
+    """The rows [lo, hi) of a hidden state from :meth:`UpperBlocks.lower`, trimmed like ``sub`` (``select_rows``)."""
+    return None if hidden is None else hidden[lo:hi, : sub.inputs["input_ids"].shape[1]]

@@ -11,7 +11,7 @@ p*(restored) − p*(corrupted).
 Decoder-only models are traced over the whole prompt; T5 over its encoder at the encoder's tokens, the answer
 being the decoder's first token. Restoring a token before the subject changes nothing (its states are clean in the
 corrupted run too), so its effect is exactly 0 and not computed. The forward passes are in
-:mod:`locate_edit.trace_engine`; the command is ``python -m locate_edit.trace`` (:mod:`locate_edit.trace_cli`).
+:mod:`locate_edit.trace.engine`; the command is ``python -m locate_edit.trace`` (:mod:`locate_edit.trace.cli`).
 """
 
 from __future__ import annotations
@@ -208,7 +208,7 @@ def trace_fact(model: PreTrainedModel, tok: PreTrainedTokenizerBase, fact: Fact,
                tracer: Tracer | None = None) -> FactTrace:
     """The causal trace of one fact: for every kind, token from the subject's first on, and layer, the indirect
     effect of restoring that state."""
-    from locate_edit.trace_engine import corrupted_probs, restored_probs
+    from locate_edit.trace.engine import corrupted_probs, restored_probs
 
     s = settings or TraceSettings()
     s.check()
@@ -238,9 +238,3 @@ def embedding_std(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: S
         raise MendError("no facts to measure the embedding scale on")
     return float(torch.cat(rows).std())
 
-
-if __name__ == "__main__":
-    from locate_edit.trace_cli import USAGE, main
-    from mend.cli import run
-
-    run(main, USAGE)

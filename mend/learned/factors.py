@@ -47,19 +47,37 @@ def token_mask(model: PreTrainedModel, batch: TargetBatch, ref: WeightRef) -> to
     return batch.inputs[key].bool()
 
 
+def target_positions(model: PreTrainedModel, batch: TargetBatch, ref: WeightRef) -> torch.Tensor:
+    """(B, L) bool: the positions whose outputs predict target tokens (decoder-only: ``logit_pos``), or, for an
+    encoder-decoder, every real token of the sequence ``ref``'s module runs on (MALMEN's answer tokens)."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        return token_mask(model, batch, ref)
+    rows, cols = batch.target_mask.nonzero(as_tuple=True)
+    mask = torch.zeros_like(batch.inputs["attention_mask"], dtype=torch.bool)
+    mask[rows, batch.logit_pos[rows, cols]] = True
+    return mask
+
+
+POSITIONS = ("all", "target")
+
+
 def edit_factors(
-    model: PreTrainedModel, adapter: ModelAdapter, refs: Sequence[WeightRef], batch: TargetBatch, n_rows: int
+    model: PreTrainedModel, adapter: ModelAdapter, refs: Sequence[WeightRef], batch: TargetBatch, n_rows: int,
+    positions: str = "all",
 ) -> tuple[dict[str, Factors], torch.Tensor]:
     """Factors of the edit loss ``Σ_{b < n_rows} mean_t NLL(target_b)`` for each edited weight (by label), and
     the detached packed (N, V) target logits of every row of ``batch`` (rows ``>= n_rows`` ride along, unedited).
 
     Tokens are kept where the attention mask is set and ``δ ≠ 0`` (as the reference code does): a token no loss
     depends on (the last one; a decoder position after a shorter target) has no gradient to transform, and
-    keeping it would make a request's edit depend on the other requests' lengths.
+    keeping it would make a request's edit depend on the other requests' lengths. ``positions="target"`` keeps
+    only the positions that predict target tokens (:func:`target_positions`; MALMEN's ``token: ans``).
 
     A zero scalar that requires grad is added to each edited module's output: it roots the autograd graph at the
     first edited module, so nothing below it is recorded, and the value is unchanged.
     """
+    if positions not in POSITIONS:
+        raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
     root = torch.zeros((), device=model.device, requires_grad=True)
     inputs: dict[str, torch.Tensor] = {}
     outputs: dict[str, torch.Tensor] = {}
@@ -67,7 +85,7 @@ def edit_factors(
     def make_hook(ref: WeightRef):
         def hook(_mod, args, out):
             inputs[ref.param] = args[0].detach()
-            outputs[ref.param] = y = out + root.to(out.dtype)
+            outputs[ref.param] = y = out + root.to(out.device, out.dtype)  # a sharded model: out on its block's device
             return y
 
         return hook
@@ -85,7 +103,8 @@ def edit_factors(
     factors = {}
     for ref, out, g in zip(refs, outs, grads):
         g = torch.zeros_like(out) if g is None else g
-        mask = token_mask(model, batch, ref)[:n_rows] & (g[:n_rows] != 0).any(-1)  # (n, L)
+        where = target_positions(model, batch, ref) if positions == "target" else token_mask(model, batch, ref)
+        mask = where[:n_rows] & (g[:n_rows] != 0).any(-1)  # (n, L)
         factors[ref.label] = (inputs[ref.param][:n_rows][mask], g[:n_rows][mask])  # (N, d_in), (N, d_out)
     return factors, tlogits.detach()
 

@@ -13,12 +13,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from mend.adapters import WeightRef, get_adapter
 from mend.editor import Editor, EditResult
 from mend.errors import ConfigError, MendError
-from mend.factors import edit_factors
-from mend.hypernet import HypernetConfig, MendHypernet
+from mend.learned.factors import edit_factors
+from mend.learned.hypernet import HypernetConfig, MendHypernet
+from mend.learned.run_dir import EditedWeight, EditorInfo, load_editor
 from mend.models import fingerprint
 from mend.moments import input_moments
 from mend.requests import EditRequest
-from mend.run_dir import EditedWeight, EditorInfo, load_editor
 from mend.scoring import make_batch
 
 
@@ -49,8 +49,9 @@ class MendEditor(Editor):
         if self._hypernet is not None:
             return
         if not self.config.checkpoint:
-            raise ConfigError("editor 'mend' needs editor.checkpoint=RUN_DIR (a run directory of python -m mend.train)")
-        self._hypernet, self._info = load_editor(self.config.checkpoint)
+            raise ConfigError(f"editor '{self.name}' needs editor.checkpoint=RUN_DIR (a run directory of python -m "
+                              f"mend.train{'' if self.name == 'mend' else ' method=' + self.name})")
+        self._hypernet, self._info = load_editor(self.config.checkpoint, method=self.name)
 
     def _check(self, model: PreTrainedModel) -> MendHypernet:
         self._load()
@@ -59,7 +60,7 @@ class MendEditor(Editor):
             fp = fingerprint(model)
             if fp != self._info.fingerprint:
                 where = self.config.checkpoint or "memory"
-                raise MendError(f"the MEND editor in {where} was trained for {self._info.model} (fingerprint "
+                raise MendError(f"the {self.name} editor in {where} was trained for {self._info.model} (fingerprint "
                                 f"{self._info.fingerprint}), not for this model ({fp}); train one with "
                                 f"python -m mend.train model=...")
             self._checked = id(model)
@@ -78,7 +79,7 @@ class MendEditor(Editor):
         adapter = get_adapter(model)
         refs = [adapter.weight_ref(w.layer, w.kind, w.stack) for w in self.info.weights]
         batch = make_batch(tokenizer, [r.text for r in requests], [r.target_new for r in requests], model)
-        factors, _ = edit_factors(model, adapter, refs, batch, len(requests))
+        factors, _ = edit_factors(model, adapter, refs, batch, len(requests), positions=hypernet.cfg.positions)
         with torch.no_grad():
             scale = self.config.scale
             deltas = {ref: (scale * hypernet.delta(ref.label, *factors[ref.label])).to(adapter.get_weight(ref).dtype)
@@ -99,7 +100,7 @@ def untrained_editor(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                       [EditedWeight(r.stack, r.layer, r.kind, *adapter.get_weight(r).shape) for r in refs], hcfg)
     hypernet = MendHypernet(info.specs(), hcfg)
     batch = make_batch(tokenizer, [r.text for r in warm_requests], [r.target_new for r in warm_requests], model)
-    factors, _ = edit_factors(model, adapter, refs, batch, len(warm_requests))
+    factors, _ = edit_factors(model, adapter, refs, batch, len(warm_requests), positions=hcfg.positions)
     for label, (u, d) in factors.items():
         hypernet.update_stats(label, u, d)
     if hcfg.precondition:

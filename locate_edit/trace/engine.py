@@ -22,7 +22,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from locate_edit.trace import FactRun, State, Tracer, TraceSettings
+from locate_edit.trace.core import FactRun, State, Tracer, TraceSettings
 from mend.adapters.partial import (
     block_output_len,
     cache_kv,

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from locate_edit.trace import FactTrace
+from locate_edit.trace.core import FactTrace
 from mend.errors import MendError
 
 ROWS = ("first subject token", "middle subject tokens", "last subject token", "first subsequent token",

@@ -14,8 +14,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mend.errors import MendError
-from mend.hypernet import HypernetConfig, MendHypernet, WeightSpec
 from mend.io import atomic_write, write_text
+from mend.learned.hypernet import HypernetConfig, MendHypernet, WeightSpec
 
 EDITOR_FILE, CONFIG_FILE, METRICS_FILE, LAST_DIR = "editor.safetensors", "config.yaml", "metrics.json", "last"
 BEST_DIR = "best"  # a run directory of its own: the editor of the best validation
@@ -46,6 +46,7 @@ class EditorInfo:
     weights: list[EditedWeight]
     hypernet: HypernetConfig = field(default_factory=HypernetConfig)
     step: int = 0
+    method: str = "mend"  # the editor that reads this run: mend or malmen
     format: str = FORMAT
 
     def specs(self) -> list[WeightSpec]:
@@ -80,12 +81,28 @@ def read_info(run: str | Path) -> tuple[EditorInfo, dict[str, Any]]:
     return info, OmegaConf.to_container(doc)
 
 
-def load_editor(run: str | Path, device: str | torch.device = "cpu") -> tuple[MendHypernet, EditorInfo]:
-    """The hypernetwork of a run directory (eval mode), with its info."""
+def build_hypernet(info: EditorInfo) -> MendHypernet:
+    """An untrained hypernetwork of the run's method and architecture (MALMEN's λ come from the weights file)."""
+    if info.method == "malmen":
+        from mend.learned.malmen.hypernet import MalmenHypernet
+
+        return MalmenHypernet(info.specs(), info.hypernet)
+    if info.method != "mend":
+        raise MendError(f"unknown editor method {info.method!r} (this version reads mend and malmen)")
+    return MendHypernet(info.specs(), info.hypernet)
+
+
+def load_editor(run: str | Path, device: str | torch.device = "cpu",
+                method: str | None = None) -> tuple[MendHypernet, EditorInfo]:
+    """The hypernetwork of a run directory (eval mode), with its info; ``method`` (mend / malmen) must match the
+    run's when given."""
     info, _ = read_info(run)
+    if method is not None and info.method != method:
+        raise MendError(f"'{run}' holds a {info.method} editor, not a {method} one: use editor {info.method} "
+                        f"(python -m mend.train method=... writes one)")
     path = Path(run) / EDITOR_FILE
     try:
-        hypernet = MendHypernet(info.specs(), info.hypernet)
+        hypernet = build_hypernet(info)
     except (ValueError, TypeError, RuntimeError) as e:  # sizes or settings no network can have
         raise MendError(f"{Path(run) / CONFIG_FILE}: the editor section describes no valid hypernetwork "
                         f"({str(e).splitlines()[0]})") from e
