@@ -24,6 +24,7 @@ from mend.editor import create_editor
 from mend.evaluate import EvaluateCommand, evaluate_editors, load_eval_dataset
 from mend.io import write_json
 from mend.models import load_model
+from mend.paths import under_data_root
 
 METRICS = ("efficacy", "generalization", "locality", "neighborhood", "edit_success", "drawdown_ppl", "seconds_per_edit")
 DATA = "counterfact/counterfact-edit.json"
@@ -47,7 +48,7 @@ def main() -> None:
     ap.add_argument("--sequential", type=int, default=0,
                     help="instead of one batch: edits of this many requests, one on top of the other")
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--data", default=DATA)
+    ap.add_argument("--data", default=DATA, help="CounterFact file; relative: under the data root ($MEND_DATA_DIR)")
     ap.add_argument("--out", default="bench/results/scaling")
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args()
@@ -65,7 +66,8 @@ def main() -> None:
     mode = ["mode=sequential", f"batch_size={args.sequential}", "curve_every=1000000"] if args.sequential else ["mode=batch"]
     rows: list[dict] = []
     for n in sizes:
-        cfg = build_config(EvaluateCommand, [f"model={args.model}", "data=counterfact", f"data.path={args.data}",
+        cfg = build_config(EvaluateCommand, [f"model={args.model}", "data=counterfact",
+                                             f"data.path={under_data_root(args.data)}",
                                              f"data.limit={n}", *mode, f"out={out}/n{n}", "progress=true"],
                            text_keys=("out", "data.path"))
         ds = load_eval_dataset(cfg)
@@ -110,11 +112,12 @@ def _plot(rows: list[dict], path: Path, sequential: int) -> None:
 
     panels = ("efficacy", "generalization", "locality", "seconds_per_edit")
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
+    colors = {e: f"C{i}" for i, e in enumerate(dict.fromkeys(r["editor"] for r in rows))}  # one per editor
     for ax, k in zip(axes, panels):
-        for e in dict.fromkeys(r["editor"] for r in rows):
+        for e, color in colors.items():
             pts = [(r["n"], r[k]) for r in rows if r["editor"] == e and r[k] is not None]
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=e)
+                ax.plot(*zip(*pts), marker="o", label=e, color=color)
         ax.set_xscale("log")
         ax.set_xlabel("edits" + (f" (sequential, {sequential} per batch)" if sequential else " in one batch"))
         ax.set_title(k)

@@ -288,6 +288,23 @@ def test_train_saves_an_editor_that_reloads_and_edits(malmen_run, tiny):
     assert_params_identical(model, before)
 
 
+@pytest.mark.parametrize("mode", ["batch", "sequential"])
+def test_the_evaluator_drives_malmen_in_batch_and_sequential_mode(malmen_run, tmp_path, capsys, mode):
+    """python -m mend.evaluate with the run directory, like every editor; sequential batches of 2 requests."""
+    from mend import evaluate
+    from mend.cli import run
+
+    args = ["model=tiny-llama", "editors=[malmen,ft]", f"settings.malmen.checkpoint={malmen_run}", "data=builtin",
+            "data.limit=4", f"mode={mode}", "batch_size=2", "drawdown.source=none", "progress=false",
+            f"out={tmp_path / 'ev'}"]
+    with pytest.raises(SystemExit) as exc:
+        run(evaluate.main, evaluate.USAGE, args)
+    assert exc.value.code == 0, capsys.readouterr().err
+    res = json.loads((tmp_path / "ev" / "results.json").read_text())
+    m = res["editors"]["malmen"]["metrics"]
+    assert m["n"] == 4 and 0 <= m["efficacy"] <= 1 and m["seconds_per_edit"] > 0
+
+
 def test_malmen_run_refuses_other_models_and_editors(malmen_run, tiny, tmp_path):
     from mend.train import main
 

@@ -127,19 +127,25 @@ class Preconditioner(nn.Module):
 
     @torch.no_grad()
     def fit(self, C: torch.Tensor, ridge: float) -> None:
-        if C.shape != self.P.shape:
-            raise ValueError(f"second moment of shape {tuple(C.shape)} for inputs of size {self.P.shape[0]}")
-        if ridge <= 0:
-            raise ValueError(f"hypernet.precondition_ridge must be positive, got {ridge}")
-        C = C.detach().to(torch.float64)
-        C = (C + C.T) / 2
-        d = C.shape[0]
-        tau = C.trace() / d
-        if not tau > 0:
-            raise ValueError("the second moment is zero: no inputs were seen")
-        eye = torch.eye(d, dtype=torch.float64, device=C.device)
+        C, tau = checked_moment(C, self.P.shape[0], ridge)
+        eye = torch.eye(C.shape[0], dtype=torch.float64, device=C.device)
         self.P.copy_(torch.linalg.inv(C / tau + ridge * eye).to(self.P))
         self.fitted.fill_(True)
+
+
+def checked_moment(C: torch.Tensor, dim: int, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A second moment of ``dim`` inputs as a symmetric float64 matrix and its mean eigenvalue ``τ = tr C / dim``;
+    ValueError for another size, a ridge that is not positive or a zero moment."""
+    if C.shape != (dim, dim):
+        raise ValueError(f"second moment of shape {tuple(C.shape)} for inputs of size {dim}")
+    if ridge <= 0:
+        raise ValueError(f"hypernet.precondition_ridge must be positive, got {ridge}")
+    C = C.detach().to(torch.float64)
+    C = (C + C.T) / 2
+    tau = C.trace() / dim
+    if not tau > 0:
+        raise ValueError("the second moment is zero: no inputs were seen")
+    return C, tau
 
 
 class ResidualBlock(nn.Module):

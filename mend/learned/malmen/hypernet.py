@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from locate_edit.solvers import regularize
-from mend.learned.hypernet import HypernetConfig, MendHypernet, WeightSpec
+from mend.learned.hypernet import HypernetConfig, MendHypernet, WeightSpec, checked_moment
 
 
 class KeyMoment(nn.Module):
@@ -31,15 +31,7 @@ class KeyMoment(nn.Module):
         if C_facts is not None:
             C, C_facts = C.detach().to(torch.float64), C_facts.detach().to(torch.float64)
             C = 0.5 * C + 0.5 * C_facts * (C.trace() / C_facts.trace().clamp_min(1e-300))
-        if C.shape != self.M.shape:
-            raise ValueError(f"second moment of shape {tuple(C.shape)} for inputs of size {self.M.shape[0]}")
-        if ridge <= 0:
-            raise ValueError(f"hypernet.precondition_ridge must be positive, got {ridge}")
-        C = C.detach().to(torch.float64)
-        C = (C + C.T) / 2
-        tau = C.trace() / C.shape[0]
-        if not tau > 0:
-            raise ValueError("the second moment is zero: no inputs were seen")
+        C, tau = checked_moment(C, self.M.shape[0], ridge)
         M = regularize(C, ridge) if full else tau * torch.eye(C.shape[0], dtype=torch.float64, device=C.device)
         self.M.copy_(M.to(self.M))
         self.fitted.fill_(True)
