@@ -381,3 +381,60 @@ def test_preservation_matrix_mixes_text_and_fact_keys(tiny):
     m.fit(C_text, 0.01, True, want)
     mixed = 0.5 * C_text + 0.5 * want * C_text.trace() / want.trace()
     assert (m.M.double() - regularize(mixed, 0.01)).abs().max() <= f32_tol(mixed.abs().max(), 1, safety=2)
+
+
+def test_split_backward_gives_the_gradient_of_the_whole_loss(tiny):
+    """meta_step's chunked, split backward (solve adjoint, hypernetwork re-run per chunk) against autograd through
+    the whole loss with a differentiable float64 solve, for every hypernetwork parameter, α and λ included."""
+    from mend.learned.factors import edited_target_logits, row_nll, target_tokens
+    from mend.learned.hypernet import HypernetConfig
+    from mend.learned.malmen.hypernet import MalmenHypernet
+    from mend.learned.malmen.solve import LossPlan, MalmenSection, batched_factors, meta_step, shifts
+    from mend.learned.module import weight_specs
+    from mend.learned.upper_blocks import UpperBlocks
+    from mend.scoring import forward_target_logits, make_batch
+
+    model, tok = tiny("tiny-llama")
+    adapter = get_adapter(model)
+    refs = adapter.weight_refs(["mlp_out"], [-2, -1])
+    torch.manual_seed(0)
+    hn = MalmenHypernet(weight_specs(model, refs), HypernetConfig(rank=8, positions="target", alpha_init=0.5), 2.0)
+    for block in (b for t in hn.transforms.values() for b in t.net.blocks):
+        torch.nn.init.normal_(block.up.weight, std=0.1)  # away from the identity: every parameter matters
+    prompts = [r.text for r in REQS] + ["Where is the tower? In", "Bob plays the", "Big Ben is in", "Cats eat"]
+    targets = [r.target_new for r in REQS] + [" Rome", " piano", " London", " fish"]
+    tb = make_batch(tok, prompts, targets, model)
+    for r in refs:
+        u, d = batched_factors(model, adapter, [r], tb, 8, "target")[r.label]
+        hn.update_stats(r.label, u, d)
+        hn.set_preconditioner(r.label, u.T @ u / u.shape[0] + torch.eye(u.shape[1]))
+    rows, _ = target_tokens(tb)
+    plan = LossPlan(5, torch.where(rows < 5, -1, 0), 0.7, 1.3, None)
+    hn.zero_grad()
+    meta_step(hn, model, adapter, refs, UpperBlocks(adapter, refs), tb, 3, plan,
+              MalmenSection(loss_rows=2, chunk_tokens=3), lambda t: t.backward(), update_stats=False)
+    split = {n: p.grad.clone() for n, p in hn.named_parameters()}
+
+    factors = batched_factors(model, adapter, refs, tb, 8, "target", n=3)
+    deltas = {}
+    for r in refs:
+        u, d = factors[r.label]
+        D = shifts(hn, r.label, u, d, 100).double()
+        U = u.double()
+        A = U.T @ U + hn.lam(r.label).double() * hn.preservation(r.label).double()
+        deltas[r] = torch.linalg.solve(A, U.T @ D).T.float()
+    with torch.no_grad():
+        pre = forward_target_logits(model, tb, packed=True).float()
+    post = edited_target_logits(model, adapter, tb, deltas).float()
+    lp_pre, lp_post = torch.log_softmax(pre, -1), torch.log_softmax(post, -1)
+    kl = ((lp_pre.exp() * (lp_pre - lp_post)).sum(-1) * plan.kl_weights()).sum()
+    loss = plan.c_edit * row_nll(post, tb)[:5].mean() + plan.c_loc * kl
+    names, params = zip(*hn.named_parameters())
+    whole = dict(zip(names, torch.autograd.grad(loss, params, allow_unused=True)))
+    for name in names:
+        want = whole[name] if whole[name] is not None else torch.zeros_like(split[name])
+        # float32 forward passes summed in another order (chunks): FORWARD roundings per term, over the
+        # parameter's gradient magnitude
+        tol = f32_tol(float(want.abs().max()) + 1e-30, want.numel(), safety=FORWARD)
+        assert (split[name] - want).abs().max() <= tol, (name, float((split[name] - want).abs().max()), tol)
+    assert split["log_lambda"].abs().max() > 0 and split["log_alpha"].abs().max() > 0
