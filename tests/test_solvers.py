@@ -12,6 +12,9 @@ from locate_edit.solvers import (
     memit_update,
     null_space_projector,
     regularize,
+    ridge_backward,
+    ridge_system,
+    ridge_update,
     rome_direction,
     rome_update,
 )
@@ -310,3 +313,55 @@ def test_bad_shapes_raise(setup):
             call()
             pytest.fail(f"case {i} did not raise")
 
+
+# --- the ridge solve of MALMEN and MEMIT (ridge_system / ridge_update / ridge_backward) ---------------------
+def _definition(K: torch.Tensor, R: torch.Tensor, lam: torch.Tensor, C: torch.Tensor | None = None) -> torch.Tensor:
+    eye = torch.eye(K.shape[0], dtype=F64)
+    return R @ K.T @ torch.linalg.inv(K @ K.T + lam * (eye if C is None else C))
+
+
+@pytest.mark.parametrize("n", [10, 40])
+@pytest.mark.parametrize("lam", [1e-3, 1.0, 10.0])
+def test_ridge_update_solves_its_normal_equations(n, lam):
+    g = torch.Generator().manual_seed(n)
+    K, R = torch.randn(24, n, generator=g, dtype=F64), torch.randn(16, n, generator=g, dtype=F64)
+    dW = ridge_update(ridge_system(K, lam), R)
+    want = _definition(K, R, torch.tensor(lam, dtype=F64))
+    # float64 throughout: the error is the conditioning of KKᵀ + λI (≤ ~1e4 here) times the unit roundoff
+    assert (dW - want).norm() / want.norm() < 1e-10
+    assert ((dW @ K - R) @ K.T + lam * dW).norm() / (R @ K.T).norm() < 1e-10  # stationarity
+    assert torch.allclose(dW, memit_update(torch.eye(24, dtype=F64), K, R, lam), rtol=0, atol=1e-12 * want.abs().max())
+    Kp = torch.randn(24, 5, generator=g, dtype=F64)
+    with_prev = ridge_update(ridge_system(K, lam, C_prev=Kp @ Kp.T), R)
+    assert torch.allclose(with_prev, alphaedit_update(torch.eye(24, dtype=F64), K, R, Kp @ Kp.T, lam),
+                          rtol=0, atol=1e-10 * with_prev.abs().max())
+
+
+def test_ridge_backward_is_the_gradient_of_the_definition():
+    g = torch.Generator().manual_seed(1)
+    K, R = torch.randn(12, 7, generator=g, dtype=F64), torch.randn(5, 7, generator=g, dtype=F64)
+    A = torch.randn(12, 12, generator=g, dtype=F64)
+    C = A @ A.T / 12 + 0.1 * torch.eye(12, dtype=F64)
+    G = torch.randn(5, 12, generator=g, dtype=F64)
+    for M in (None, C):
+        lam = torch.tensor(0.7, dtype=F64, requires_grad=True)
+        Rg = R.clone().requires_grad_()
+        assert torch.autograd.gradcheck(lambda r, la, M=M: _definition(K, r, la, M), (Rg, lam))
+        want_R, want_lam = torch.autograd.grad((G * _definition(K, Rg, lam, M)).sum(), (Rg, lam))
+        system = ridge_system(K, 0.7, M)
+        gR, g_lam = ridge_backward(system, G, ridge_update(system, R))
+        assert torch.allclose(gR, want_R, rtol=1e-10, atol=1e-12) and torch.allclose(g_lam, want_lam, rtol=1e-10)
+
+
+def test_ridge_keeps_float32_and_one_key_writes_its_value():
+    """Sherman–Morrison: one key gives ΔW u = d ‖u‖²/(‖u‖² + λ); λ → 0 writes d exactly."""
+    g = torch.Generator().manual_seed(2)
+    u, d = torch.randn(30, 1, generator=g, dtype=F64), torch.randn(8, 1, generator=g, dtype=F64)
+    for lam in (1e-3, 1.0):
+        dW = ridge_update(ridge_system(u, lam), d)
+        s = float(u.norm() ** 2)
+        assert (dW @ u - d * s / (s + lam)).norm() <= 1e-12 * d.norm()
+    dW = ridge_update(ridge_system(u, 1e-12 * float(u.norm() ** 2)), d)
+    assert (dW @ u - d).norm() <= 1e-10 * d.norm()
+    out = ridge_update(ridge_system(u.float(), 1.0), d.float())
+    assert out.dtype == torch.float32

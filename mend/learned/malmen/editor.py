@@ -20,7 +20,7 @@ from mend.editor import EditResult
 from mend.errors import MendError
 from mend.learned.hypernet import HypernetConfig
 from mend.learned.malmen.hypernet import MalmenHypernet
-from mend.learned.malmen.solve import aggregate, batched_factors, shifts
+from mend.learned.malmen.solve import aggregate, batched_factors, fit_residual, shifts
 from mend.learned.mend.editor import MendEditor
 from mend.learned.run_dir import EditedWeight, EditorInfo
 from mend.models import fingerprint
@@ -81,7 +81,7 @@ class MalmenEditor(MendEditor):
                 D = shifts(hypernet, ref.label, u, d, cfg.chunk_tokens)
                 C_prev = self._memory.get(ref) if cfg.memory else None
                 _, dW = aggregate(hypernet, ref.label, u, D, C_prev, cfg.lam)
-                residual[ref.label] = float((dW @ u.T.float() - D.T).norm() / D.norm().clamp_min(1e-30))
+                residual[ref.label] = fit_residual(dW, u, D)
                 deltas[ref] = (cfg.scale * dW).to(adapter.get_weight(ref).dtype)
                 if cfg.memory:
                     self._memory.add(ref, u.T)

@@ -62,6 +62,11 @@ def aggregate(hypernet: MalmenHypernet, label: str, u: torch.Tensor, D: torch.Te
     return system, ridge_update(system, D.detach().T.double()).float()
 
 
+def fit_residual(dW: torch.Tensor, u: torch.Tensor, D: torch.Tensor) -> float:
+    """``‖ΔW U − D‖ / ‖D‖``: how far the solve is from writing every shift exactly (λ and ``C_prev`` pull it)."""
+    return float((dW @ u.T.float() - D.T).norm() / D.norm().clamp_min(1e-30))
+
+
 def batched_factors(model, adapter: ModelAdapter, refs: Sequence[WeightRef], batch: TargetBatch,
                     rows: int, positions: str, n: int | None = None, upper: UpperBlocks | None = None,
                     hidden: torch.Tensor | None = None) -> dict[str, Factors]:
@@ -199,7 +204,7 @@ def meta_step(hypernet: MalmenHypernet, model, adapter: ModelAdapter, refs: Sequ
     for ref in refs:
         u, d = factors[ref.label]
         D = ds[ref]
-        residuals.append(float((dws[ref] @ u.T.float() - D.T).norm() / D.norm().clamp_min(1e-30)))
+        residuals.append(fit_residual(dws[ref], u, D))
         if not train:
             continue
         gD, g_lam = ridge_backward(systems[ref], grads[ref].double(), dws[ref].double())
