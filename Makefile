@@ -26,8 +26,20 @@ $(STAMP): pyproject.toml $(LOCK)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# make train: MALMEN on CounterFact's training split when the data root has it (the editor that carries over to
+# CounterFact; about 25 min on the 2-core CPU), else MEND on the built-in facts (python -m mend.train's defaults).
+DATA_ROOT  ?= $(or $(MEND_DATA_DIR),$(CURDIR)/../shared/data)
+TRAIN_FILE := $(DATA_ROOT)/counterfact/counterfact-train.json
+CF_TRAIN   := configs/train/malmen.yaml trainer.max_steps=250 trainer.val_check_interval=125 trainer.save_every_n_steps=125
+
 train: $(STAMP)
-	$(PY) -m mend.train
+	@if [ -f "$(TRAIN_FILE)" ]; then \
+	  echo "make train: $(TRAIN_FILE) found: MALMEN on CounterFact"; \
+	  MEND_DATA_DIR="$(DATA_ROOT)" $(PY) -m mend.train $(CF_TRAIN); \
+	else \
+	  echo "make train: no $(TRAIN_FILE): MEND on the built-in facts"; \
+	  $(PY) -m mend.train; \
+	fi
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
