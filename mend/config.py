@@ -1,7 +1,7 @@
 """Typed configs: YAML files plus ``key=value`` overrides (omegaconf dotlist), validated against dataclasses.
 
-``model=X``, ``editor=X`` and ``data=X`` name a group; they are shorthand for ``model.name=X`` (etc.), so that
-``editor=ft editor.lr=1e-3`` works. Per-model defaults live in ``configs/model/*.yaml`` (layers, not module
+``model=X``, ``editor=X`` and ``data=X`` name a group; they are shorthand for ``model.name=X`` (etc.; ``lora=DIR``
+for ``lora.dir=DIR``), so that ``editor=ft editor.lr=1e-3`` works. Per-model defaults live in ``configs/model/*.yaml`` (layers, not module
 paths); per-editor defaults in ``configs/editor/<name>.yaml``.
 """
 
@@ -19,7 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 from mend.errors import ConfigError
 from mend.paths import config_dir
 
-GROUP_KEYS = ("model", "editor", "data")
+GROUPS = {"model": "name", "editor": "name", "data": "name", "lora": "dir"}  # group=X means group.<key>=X
 
 
 @dataclass
@@ -45,7 +45,7 @@ class ModelFile:
 def _rewrite(arg: str) -> str:
     key, _, value = arg.partition("=")
     key = key.strip()
-    return f"{key}.name={value}" if key in GROUP_KEYS else f"{key}={value}"
+    return f"{key}.{GROUPS[key]}={value}" if key in GROUPS else f"{key}={value}"
 
 
 def parse_overrides(argv: list[str]) -> tuple[Path | None, list[str]]:
@@ -70,9 +70,9 @@ def load_yaml(path: Path) -> DictConfig:
         raise ConfigError(f"cannot parse config file {path}: {str(e).splitlines()[0]}") from e
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"config file {path} must hold a mapping")
-    for key in GROUP_KEYS:  # `editor: ft` in a file means `editor: {name: ft}`
+    for key, sub in GROUPS.items():  # `editor: ft` in a file means `editor: {name: ft}`
         if isinstance(cfg.get(key), str):
-            cfg[key] = {"name": cfg[key]}
+            cfg[key] = {sub: cfg[key]}
     return cfg
 
 

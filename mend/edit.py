@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -15,9 +13,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mend.cli import run
 from mend.config import SEED, ModelSection, build_config, editor_layers
-from mend.editor import apply_edit, create_editor, editor_class
+from mend.editor import EditResult, apply_edit, create_editor, editor_class
 from mend.errors import ConfigError
-from mend.io import write_json
+from mend.io import write_dir_atomically, write_json
 from mend.models import load_model
 from mend.requests import EditRequest, load_requests, make_request, with_leading_space
 from mend.scoring import encode_pair, greedy_ids, greedy_text, score_targets
@@ -39,6 +37,8 @@ Apply one editor to a model and print the target probabilities and a greedy cont
   mode=batch|sequential all requests in one edit, or one edit after another [batch]
   json=PATH             write the figures as JSON
   save=DIR              write the edited model (save_pretrained) and its tokenizer
+  lora=DIR              write the edit as a PEFT LoRA adapter (exact: rank = the update's rank)
+  lora.rank=R           truncate each weight's update to rank R (SVD); the relative residual is printed
   seed=N                random seed [0]
   max_new_tokens=N      length of the greedy continuations [12]
 
@@ -47,7 +47,13 @@ example:
 """
 
 
-TEXT_KEYS = ("prompt", "subject", "target", "target_true", "requests", "json", "save")
+TEXT_KEYS = ("prompt", "subject", "target", "target_true", "requests", "json", "save", "lora.dir")
+
+
+@dataclass
+class LoraSection:
+    dir: str | None = None  # lora=DIR
+    rank: int | None = field(default=None, metadata={"min": 1})  # None: exact
 
 
 @dataclass
@@ -62,6 +68,7 @@ class EditCommand:
     mode: str = "batch"
     json: str | None = None
     save: str | None = None
+    lora: LoraSection = field(default_factory=LoraSection)
     seed: int = field(default=0, metadata=SEED)
     max_new_tokens: int = field(default=12, metadata={"min": 1})
 
@@ -112,23 +119,12 @@ def measure(model: PreTrainedModel, tok: PreTrainedTokenizerBase, reqs: list[Edi
 
 def save_model(model: PreTrainedModel, tok: PreTrainedTokenizerBase, out: str) -> Path:
     """save_pretrained into a temporary folder beside ``out``, then move it into place."""
-    out_path = Path(out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_path.parent, prefix=f".{out_path.name}."))
-    try:
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        if out_path.exists():
-            old = out_path.with_name(f".{out_path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out_path.rename(old)
-            tmp.rename(out_path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_path
+
+    return write_dir_atomically(Path(out), write)
 
 
 def main(argv: list[str]) -> int:
@@ -148,11 +144,12 @@ def main(argv: list[str]) -> int:
     editor.prepare(model, tok)  # statistics, templates: once per model, not part of the edit time
     reqs = with_true_targets(model, tok, reqs)
     before = measure(model, tok, reqs, cfg.max_new_tokens)
-    seconds = 0.0
+    seconds, results = 0.0, []
     for chunk in ([reqs] if cfg.mode == "batch" else [[r] for r in reqs]):
         t0 = time.perf_counter()
         result = editor.edit(model, tok, chunk)
         seconds += time.perf_counter() - t0
+        results.append(result)
         apply_edit(model, result)
     after = measure(model, tok, reqs, cfg.max_new_tokens)
     report = {"model": cfg.model.name, "editor": name, "seconds": round(seconds, 4), "requests": []}
@@ -167,6 +164,11 @@ def main(argv: list[str]) -> int:
     if cfg.json:
         write_json(cfg.json, report)
         print(f"figures written to {cfg.json}")
+    if cfg.lora.dir:
+        export = EditResult.combine(results).to_peft(cfg.lora.dir, model, cfg.lora.rank)
+        ranks = sorted(set(export.ranks.values()))
+        print(f"LoRA adapter written to {export.path} ({len(export.ranks)} module{'s' * (len(export.ranks) != 1)}, "
+              f"rank {'/'.join(map(str, ranks))}, relative residual {export.max_residual:.2e})")
     if cfg.save:
         print(f"edited model saved to {save_model(model, tok, cfg.save)}")
     return 0

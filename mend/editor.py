@@ -9,7 +9,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from omegaconf import OmegaConf
@@ -21,6 +21,9 @@ from mend.config import check_values
 from mend.errors import ConfigError, MendError
 from mend.io import atomic_write
 from mend.requests import EditRequest
+
+if TYPE_CHECKING:
+    from mend.lora import PeftExport
 
 
 @dataclass
@@ -51,6 +54,22 @@ class EditResult:
             refs = [WeightRef(**r) for r in json.loads(meta["refs"])]
             deltas = {ref: f.get_tensor(ref.param) for ref in refs}
         return cls(deltas, json.loads(meta.get("diagnostics", "{}")))
+
+    def to_peft(self, path: str | Path, model: PreTrainedModel, rank: int | None = None) -> PeftExport:
+        """Write the edit as a PEFT LoRA adapter folder (exact at the update's rank; ``rank`` truncates by SVD):
+        ``peft.PeftModel.from_pretrained(model, path)`` then gives the edited model. See :mod:`mend.lora`."""
+        from mend.lora import export_peft
+
+        return export_peft(self.deltas, model, path, rank)
+
+    @classmethod
+    def combine(cls, results: list[EditResult]) -> EditResult:
+        """Several edits applied one after another, as one result (their deltas summed per weight)."""
+        deltas: dict[WeightRef, torch.Tensor] = {}
+        for r in results:
+            for ref, d in r.deltas.items():
+                deltas[ref] = d.clone() if ref not in deltas else deltas[ref] + d.to(deltas[ref].dtype)
+        return cls(deltas, {"combined": len(results)}, sum(r.seconds for r in results))
 
 
 class AppliedEdit:

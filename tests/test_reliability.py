@@ -79,7 +79,7 @@ def test_an_editor_and_statistics_made_for_another_model_are_refused(workspace):
 
 
 def test_an_interrupted_folder_replacement_is_recovered(tmp_path, monkeypatch):
-    from mend.learned.checkpointing import recover_dir, write_dir_atomically
+    from mend.io import recover_dir, write_dir_atomically
 
     last = tmp_path / "last"
     write_dir_atomically(last, lambda d: (d / "state.json").write_text("1"))

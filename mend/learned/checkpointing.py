@@ -15,9 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ from lightning.fabric.plugins import CheckpointIO
 from safetensors.torch import load_file, save_file
 
 from mend.errors import MendError
+from mend.io import write_dir_atomically
 
 log = logging.getLogger(__name__)
 TENSORS, STATE = "tensors.safetensors", "state.json"
@@ -69,37 +68,6 @@ def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 def _hashable(k: Any) -> Any:
     return tuple(k) if isinstance(k, list) else k
-
-
-def write_dir_atomically(path: Path, write: Callable[[Path], None]) -> Path:
-    """Fill a temporary folder beside ``path``, then swap it in by renames (never a half-written folder; a kill
-    between the two renames leaves the old folder in ``.<name>.old.*/x``, where :func:`recover_dir` finds it)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    try:
-        write(tmp)
-        if path.exists():
-            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old."))
-            os.rename(path, old / "x")
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
-
-
-def recover_dir(path: Path) -> bool:
-    """Put back the folder a killed :func:`write_dir_atomically` had moved aside, when ``path`` is missing."""
-    if path.exists():
-        return False
-    old = sorted(path.parent.glob(f".{path.name}.old.*/x"), key=lambda p: p.stat().st_mtime)
-    if not old:
-        return False
-    os.rename(old[-1], path)
-    log.warning("restored %s from an interrupted replacement", path)
-    return True
 
 
 class SafetensorsCheckpointIO(CheckpointIO):

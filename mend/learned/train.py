@@ -93,7 +93,7 @@ def run_name(cfg: Any) -> str:
 
 def resume_path(cfg: Any, out: Path) -> Path | None:
     """The checkpoint to resume from, after checking that the run in ``out`` matches this config."""
-    from mend.learned.checkpointing import recover_dir
+    from mend.io import recover_dir
 
     last = out / LAST_DIR
     recover_dir(last)  # a kill in the middle of replacing it
