@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import sys
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from mend.cli import run
-from mend.config import SEED, ModelSection, build_config, editor_layers
-from mend.editor import config_keys, create_editor, editor_class
+from mend.config import SEED, ModelSection, build_config, check_values, editor_layers, omega_message
+from mend.editor import Editor, config_keys, create_editor, editor_class
 from mend.errors import ConfigError
 from mend.evaluation.evaluator import MODES, EvalSettings, Evaluator
 from mend.evaluation.report import markdown_table, write_reports
@@ -177,6 +180,74 @@ def evaluate_editors(cfg: Any, model: Any, tok: Any, editors: list[tuple[str, An
             on_editor(label, results)
     return results
 
+
+@dataclass
+class Evaluation:
+    """What :func:`evaluate` returns: ``results`` as in results.json; ``str()`` is the markdown table."""
+
+    results: dict[str, Any]
+
+    @property
+    def metrics(self) -> dict[str, dict[str, Any]]:
+        """Label -> metrics, the unedited model first."""
+        return {"unedited": self.results["pre"], **{k: v["metrics"] for k, v in self.results["editors"].items()}}
+
+    @property
+    def table(self) -> str:
+        return markdown_table(self.results)
+
+    def __str__(self) -> str:
+        return self.table
+
+
+def evaluate(editors: Any, model: Any = "smollm2-135m", data: str | dict[str, Any] = "builtin",
+             out: str | None = None, **options: Any) -> Evaluation:
+    """Python form of ``python -m mend.evaluate``: the editors (names, :class:`~mend.editor.Editor` objects, or a
+    dict label -> either) on the same requests. ``model``: a name, or the ``(model, tokenizer)`` of
+    :func:`mend.load_model`. ``data``: a data set name or its section (``{"name": "counterfact", "limit": 50}``);
+    ``limit=N`` is short for ``data.limit``. ``options``: the command's other keys (``mode``, ``batch_size``,
+    ``drawdown``, ``settings``, ...). Writes results.json / .md / plots only when ``out`` is given."""
+    from mend.api import create_editor as api_create
+    from mend.api import model_identity
+
+    if isinstance(editors, (str, Editor)):
+        editors = [editors]
+    items = list(editors.items()) if isinstance(editors, dict) else [
+        (e if isinstance(e, str) else e.name, e) for e in editors]
+    if len({label for label, _ in items}) != len(items):
+        raise ConfigError("editors listed twice: give a dict label -> editor to run one editor twice")
+    data = {"name": data} if isinstance(data, str) else dict(data)
+    if "limit" in options:
+        data["limit"] = options.pop("limit")
+    loaded = model if isinstance(model, tuple) else None
+    name = model_identity(loaded[0])[0] if loaded else model
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(EvaluateCommand),
+                              {"model": {"name": name}, "data": data, **options})
+        check_values(OmegaConf.to_object(cfg))
+    except OmegaConfBaseException as e:
+        raise ConfigError(omega_message(e)) from e
+    if cfg.mode not in MODES:
+        raise ConfigError(f"mode must be one of {', '.join(MODES)}, got '{cfg.mode}'")
+    ds = load_eval_dataset(cfg)
+    torch.manual_seed(cfg.seed)
+    model, tok = loaded or load_model(cfg.model.name, cfg.model.dtype, cfg.model.device, cfg.model.device_map)
+    built = [(label, e if isinstance(e, Editor) else api_create(e, model)) for label, e in items]
+    results = evaluate_editors(cfg, model, tok, built, ds)
+    if out:
+        write_reports(results, out)
+    return Evaluation(results)
+
+
+class _CommandModule(types.ModuleType):
+    """``mend.evaluate`` is both the command (``python -m mend.evaluate``) and the function: calling the module
+    calls :func:`evaluate`."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Evaluation:
+        return evaluate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CommandModule
 
 if __name__ == "__main__":
     run(main, USAGE)

@@ -99,6 +99,7 @@ def load_model(
             raise ModelLoadError(f"cannot move the model to {device}: {str(e).splitlines()[0]}") from e
     model.eval()
     model.requires_grad_(False)
+    model.mend_model_name = name  # what per-model defaults are looked up by (mend.create_editor(name, model=model))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model, tok
