@@ -5,7 +5,7 @@ For each token count, C is computed (and cached) over the same corpus, then:
 - ROME is run through the evaluator on ``--records`` CounterFact records (single mode): efficacy,
   generalization, locality beside the unedited model's.
 Prints one table and writes bench/results/stats_quality.json. The default token count of the editors
-(``stats.tokens`` in configs/editor/*.yaml) is the smallest whose scores match the largest count's.
+(``stats.tokens``, ``locate_edit.common.StatsSettings``) is the smallest whose scores match the largest count's.
 
     python bench/stats_quality.py --tokens 10000 30000 100000 280000 --records 20
 """

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class StatsSettings:
     corpus: str = "auto"  # auto (WikiText in the data folder, else model samples), self, a path, hf:NAME
-    tokens: int = 100_000
+    tokens: int = 100_000  # bench/stats_quality.py: scores equal from 30k on; C⁻¹k* within cos 0.95 of 280k's
     seq_len: int = 128
 
 

@@ -42,7 +42,7 @@ def _memit_values() -> ValueSettings:
 class MEMITConfig(ClosedFormSettings):
     layers: list[int] | str = field(default_factory=lambda: [3, 4, 5, 6, 7])  # or auto (locate_edit.layer_choice)
     solver: str = "memit"  # memit | emmet | alphaedit
-    mom2_weight: float = 15000.0  # λ of MEMIT
+    mom2_weight: float = 15000.0  # λ of MEMIT (GPT-J's reference value; configs/model/*.yaml set it per model)
     emmet_lambda: float = 0.1  # regularises Kᵀ C⁻¹ K in EMMET
     null_threshold: float = 2e-2  # AlphaEdit: eigenvalues of C below this span the preserved null space
     null_relative: bool = False  # threshold relative to the largest eigenvalue

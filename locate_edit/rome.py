@@ -19,7 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from locate_edit.common import ClosedFormSettings, Guard, KeyMemory, StatsCache, prepare_closed_form
 from locate_edit.keys import context_templates, request_keys
 from locate_edit.layer_choice import resolve_layers
-from locate_edit.solvers import regularize, rome_direction, rome_update
+from locate_edit.solvers import rome_direction, rome_update
 from locate_edit.values import Realized, ValueSettings, optimize_values
 from mend.adapters import get_adapter
 from mend.editor import Editor, EditResult, register_editor, trial_edits
@@ -34,9 +34,6 @@ class ROMEConfig(ClosedFormSettings):
     # optimise δ as the update will write it at each template (locate_edit.values.Realized); off: the
     # reference's δ added unchanged at every template
     realized_values: bool = False
-    # C + ridge · tr(C)/d · I in place of C: also penalises the update's Frobenius norm (the norm constraint of
-    # Gupta et al. 2025, "Lifelong knowledge editing requires better regularization"); 0: plain C
-    ridge: float = 0.0
     # sequential use: C + memory · Σ k kᵀ over the keys of the earlier edits (since reset()), so that an edit mostly
     # leaves earlier edits' keys, and the direction they share, alone (AlphaEdit keeps them the same way); 0: off
     memory: float = 0.0
@@ -74,8 +71,6 @@ class ROMEEditor(Editor):
         adapter = get_adapter(model)
         ref = adapter.weight_ref(resolve_layers(cfg.layer, model, tokenizer, many=False), cfg.kind)
         C0 = self._stats.get(model, tokenizer, [ref])[ref]
-        if cfg.ridge:
-            C0 = regularize(C0, cfg.ridge)
         templates = context_templates(model, tokenizer, cfg.templates.spec, cfg.templates.seed)
         total = None
         diag: dict = {"steps": [], "loss": [], "rejected": []}

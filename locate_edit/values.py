@@ -1,6 +1,6 @@
 """Values: the vector a module should output at the subject's last token so that the model predicts the new
 target (ROME's v*, MEMIT's z). A delta δᵢ per request is added to ``module``'s output at the subject's last token
-in every context template and optimised (Adam as in the reference, or ``optimizer: gd``) on
+in every context template and optimised with Adam (as in the reference) on
 
     Σᵢ [ mean NLL(targetᵢ) + kl_factor · KL(p ‖ p₀ on "{subject} is a") + weight_decay · ‖δᵢ‖ / ‖v₀ᵢ‖² ],
 
@@ -45,26 +45,20 @@ class ValueSettings:
     weight_decay: float = field(default=0.5, metadata=NONNEGATIVE)
     clamp_norm_factor: float = 4.0
     early_stop_loss: float = 5e-2  # stop when every request's loss (stop_on) is below this
-    # loss: the whole objective (reference code); nll: the target's NLL averaged over the templates; nll_max: the
-    # target's NLL at the worst template (the bare prompt included)
-    stop_on: str = "loss"
+    stop_on: str = "loss"  # loss: the whole objective (reference code); nll: the target's NLL averaged over templates
     # and, when set, only once the request's own (bare) prompt has a target NLL below this: its key can lie far
     # from the averaged key, so the mean over templates may be low while the prompt itself is not yet edited
     prompt_nll: float | None = None
     # after the stop, scale each δ down to the smallest fraction that still meets it (bisection, this many extra
     # forward passes; 0: off): the last Adam step overshoots, and in sequential use every edit's excess adds up
     shrink_steps: int = 0
-    # adam (reference): per-coordinate steps of lr; gd: steps of lr · ‖v₀‖ along the gradient, which reach the
-    # same NLL with a shorter δ where the gradient has a few large coordinates
-    optimizer: str = "adam"
     kl_prompt: str = "{} is a"
     chunk: int = 8  # requests optimised together in one batch
     # run the tokens before each row's subject once and keep their keys and values (locate_edit.prefix)
     prefix_cache: bool = True
 
 
-STOP_ON = ("loss", "nll", "nll_max")
-OPTIMIZERS = ("adam", "gd")
+STOP_ON = ("loss", "nll")
 
 
 @dataclass
@@ -96,8 +90,6 @@ def optimize_values(
 
     if s.stop_on not in STOP_ON:
         raise ConfigError(f"value.stop_on must be one of {', '.join(STOP_ON)}, got '{s.stop_on}'")
-    if s.optimizer not in OPTIMIZERS:
-        raise ConfigError(f"value.optimizer must be one of {', '.join(OPTIMIZERS)}, got '{s.optimizer}'")
     parts = []
     with tqdm(total=len(requests), desc="v* optimisation", unit="request", leave=False,
               disable=len(requests) <= s.chunk) as bar:
@@ -155,8 +147,7 @@ def _optimize_chunk(model, tok, adapter, requests, templates, module, layer, s: 
         hidden_in = rows.take(hidden_in) if partial else None
 
     delta = torch.zeros_like(init, requires_grad=True)
-    # gd: SGD on the gradient rescaled to length ‖v₀‖, so that a step moves δ by lr · ‖v₀‖
-    opt = (torch.optim.Adam if s.optimizer == "adam" else torch.optim.SGD)([delta], lr=s.lr)
+    opt = torch.optim.Adam([delta], lr=s.lr)
     max_norm = s.clamp_norm_factor * init.norm(dim=1)  # (n,)
     counts = torch.bincount(owner[~is_kl], minlength=n).float()
     steps, losses = [0] * n, [float("inf")] * n
@@ -174,11 +165,7 @@ def _optimize_chunk(model, tok, adapter, requests, templates, module, layer, s: 
         kl = (kl_logp.exp() * (kl_logp - kl_logp0)).sum(-1)  # KL(p ‖ p0), one per request
         wd = d.norm(dim=1) / init.norm(dim=1) ** 2
         per_req = nll + s.kl_factor * kl + s.weight_decay * wd
-        if s.stop_on == "nll_max":
-            watched = torch.full((n,), -torch.inf, device=dev).scatter_reduce(
-                0, owner[~is_kl], nll_row[~is_kl].detach(), "amax")
-        else:
-            watched = (nll if s.stop_on == "nll" else per_req).detach()
+        watched = (nll if s.stop_on == "nll" else per_req).detach()
         met = watched < s.early_stop_loss
         if s.prompt_nll is not None:
             met &= nll_row[first].detach() < s.prompt_nll
@@ -195,9 +182,6 @@ def _optimize_chunk(model, tok, adapter, requests, templates, module, layer, s: 
                 break
             opt.zero_grad()
             per_req.sum().backward()
-            if s.optimizer == "gd":
-                with torch.no_grad():
-                    delta.grad.mul_(init.norm(dim=1, keepdim=True) / delta.grad.norm(dim=1, keepdim=True).clamp_min(1e-12))
             opt.step()
             with torch.no_grad():
                 scale = (max_norm / delta.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)

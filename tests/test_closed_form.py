@@ -204,21 +204,21 @@ def _optimize_one(tiny, templates, **settings):
     return values.optimize_values(model, tok, adapter, REQS[:1], templates, adapter.module(ref), ref.layer, s)
 
 
-def test_value_stop_on_nll_max_waits_for_the_worst_template(tiny):
-    """``stop_on: nll_max`` stops once every template's target NLL is below the threshold, so it never stops
-    before ``nll`` (the mean) does; an unknown criterion is a configuration error."""
+def test_value_stop_on_nll_stops_on_the_templates_mean(tiny):
+    """``stop_on: nll`` stops once the templates' mean target NLL is below the threshold; an unknown criterion
+    (e.g. the removed ``nll_max``) is a configuration error."""
     from mend.errors import ConfigError
 
     templates = ["{}", "Once upon a time. {}", "It rained all day long in the old town. {}"]
     def run(stop_on, threshold, steps):
         return _optimize_one(tiny, templates, steps=steps, early_stop_loss=threshold, stop_on=stop_on)
 
-    mean0 = run("nll", 0.0, 1).final_loss[0]  # the templates' mean NLL before any step (their NLLs differ)
-    threshold = mean0 + 1e-3
-    assert run("nll", threshold, 20).steps == [1]
-    assert run("nll_max", threshold, 20).steps[0] > 1
-    with pytest.raises(ConfigError, match="stop_on"):
-        run("nl", threshold, 1)
+    mean0 = run("nll", 0.0, 1).final_loss[0]  # the templates' mean NLL before any step
+    assert run("nll", mean0 + 1e-3, 20).steps == [1]
+    assert run("nll", mean0 - 1e-3, 3).steps == [3]
+    for bad in ("nl", "nll_max"):
+        with pytest.raises(ConfigError, match="stop_on"):
+            run(bad, mean0, 1)
 
 
 def test_value_prompt_nll_also_waits_for_the_request_prompt(tiny):
@@ -267,29 +267,14 @@ def test_value_shrink_scales_the_optimised_delta_down(tiny):
     assert torch.allclose(short.delta, ratio * plain.delta, rtol=0, atol=tol)
 
 
-def test_value_gd_optimizer_steps_along_the_gradient_by_lr_times_the_value_norm(tiny):
-    """``optimizer: gd`` moves δ by ``lr · ‖v₀‖`` along the gradient each step (Adam moves every coordinate by
-    about ``lr``); an unknown optimizer is a configuration error."""
+def test_removed_value_and_rome_options_are_refused(tiny):
+    """``value.optimizer`` and ROME's ``ridge`` were measured and rejected (docs/experiments): they are gone."""
     from mend.errors import ConfigError
 
-    templates = ["{}", "Once upon a time. {}"]
-    one = _optimize_one(tiny, templates, steps=2, early_stop_loss=0.0, optimizer="gd", lr=0.3)  # one update
-    # δ = lr·‖v₀‖·g/‖g‖: two norms of n entries, a few products (rel. error ~ eps·sqrt(n))
-    assert float(one.delta.norm()) == pytest.approx(0.3 * float(one.init.norm()), rel=f32_tol(1.0, terms=one.delta.numel()))
-    adam = _optimize_one(tiny, templates, steps=2, early_stop_loss=0.0, lr=0.3, clamp_norm_factor=1e4)
-    assert float(adam.delta.abs().max()) == pytest.approx(0.3, rel=1e-3)  # Adam's first step: lr · sign(g)
     with pytest.raises(ConfigError, match="optimizer"):
-        _optimize_one(tiny, templates, steps=2, optimizer="sgd")
-
-
-def test_rome_ridge_option_reaches_the_solver(tiny):
-    model, tok = tiny("tiny-llama")
-    norms = []
-    for ridge in (0.0, 1e3):
-        result = create_editor("r-rome", FAST, LAYERS["r-rome"], {"ridge": ridge}).edit(model, tok, REQS[:1])
-        (d,) = result.deltas.values()
-        norms.append(float(d.norm()))
-    assert 0 < norms[1] < norms[0]
+        create_editor("rome", {"value": {"optimizer": "gd"}})
+    with pytest.raises(ConfigError, match="ridge"):
+        create_editor("r-rome", {"ridge": 1.0})
 
 
 def test_rome_v_base_key(tiny):

@@ -25,7 +25,7 @@ def _editor(model, tok, refs, **cfg):
     from mend.learned.malmen.editor import MalmenConfig, untrained_malmen
 
     ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
-    return untrained_malmen(model, tok, refs, HypernetConfig(rank=8, positions="target", alpha_init=1.0), REQS,
+    return untrained_malmen(model, tok, refs, HypernetConfig(rank=8, positions="target", alpha_init=1.0, precondition=False), REQS,
                             ids, lambda_init=1.0, config=MalmenConfig(**cfg))
 
 

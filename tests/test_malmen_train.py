@@ -59,7 +59,7 @@ def _step_peak(model, tok, n_edits: int, loss_rows: int, chunk_tokens: int) -> i
     adapter = get_adapter(model)
     refs = adapter.weight_refs(["mlp_out"], [-2, -1])
     torch.manual_seed(0)
-    hn = MalmenHypernet(weight_specs(model, refs), HypernetConfig(rank=16, positions="target"), 1.0)
+    hn = MalmenHypernet(weight_specs(model, refs), HypernetConfig(rank=16, positions="target", precondition=False), 1.0)
     for r in refs:
         d_in = hn._spec(r.label).d_in
         hn.set_preconditioner(r.label, torch.eye(d_in))
@@ -181,7 +181,7 @@ def test_split_backward_gives_the_gradient_of_the_whole_loss(tiny):
     adapter = get_adapter(model)
     refs = adapter.weight_refs(["mlp_out"], [-2, -1])
     torch.manual_seed(0)
-    hn = MalmenHypernet(weight_specs(model, refs), HypernetConfig(rank=8, positions="target", alpha_init=0.5), 2.0)
+    hn = MalmenHypernet(weight_specs(model, refs), HypernetConfig(rank=8, positions="target", alpha_init=0.5, precondition=False), 2.0)
     for block in (b for t in hn.transforms.values() for b in t.net.blocks):
         torch.nn.init.normal_(block.up.weight, std=0.1)  # away from the identity: every parameter matters
     prompts = [r.text for r in REQS] + ["Where is the tower? In", "Bob plays the", "Big Ben is in", "Cats eat"]

@@ -29,7 +29,7 @@ def _setup(tiny, name: str, n_layers: int = 2):
 
 def _hypernet(adapter, refs, **kw) -> MendHypernet:
     specs = [WeightSpec(r.label, *adapter.get_weight(r).shape) for r in refs]
-    return MendHypernet(specs, HypernetConfig(rank=16, **kw))
+    return MendHypernet(specs, HypernetConfig(rank=16, **{"precondition": False, **kw}))
 
 
 def _warm(hn: MendHypernet, factors) -> None:
@@ -223,7 +223,7 @@ def test_training_step_with_partial_passes_equals_the_full_computation(tiny):
     outs = []
     for partial in (True, False):
         torch.manual_seed(0)
-        m = MendModule(model, tok, refs, HypernetConfig(rank=8, alpha_init=1.0), OptimSection(), LossSection())
+        m = MendModule(model, tok, refs, HypernetConfig(rank=8, alpha_init=1.0, precondition=False), OptimSection(), LossSection())
         if not partial:
             m.frozen.upper.layer = None
         assert m.frozen.upper.active is partial
@@ -255,7 +255,7 @@ def test_text_rows_are_weighted_by_c_text_and_scored_apart(tiny):
         return collate([Sample(*edit, tuple(p for p, _ in locs), tuple(t for _, t in locs), kinds)])
 
     torch.manual_seed(0)
-    m = MendModule(model, tok, refs, HypernetConfig(rank=8, alpha_init=20.0), OptimSection(), LossSection())
+    m = MendModule(model, tok, refs, HypernetConfig(rank=8, alpha_init=20.0, precondition=False), OptimSection(), LossSection())
     _trained_looking(m, batch([nb]))
 
     def step(b, c_text=None):

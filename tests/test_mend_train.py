@@ -192,7 +192,7 @@ def test_bad_training_config_is_one_line(capsys):
 def test_learning_rate_schedule_is_a_function_of_the_step():
     from mend.learned.module import OptimSection, lr_factor
 
-    const, cos = OptimSection(), OptimSection(schedule="cosine", min_lr_ratio=0.2)
+    const, cos = OptimSection(schedule="constant"), OptimSection(schedule="cosine", min_lr_ratio=0.2)
     assert [lr_factor(s, 100, const) for s in (0, 50, 100)] == [1.0, 1.0, 1.0]
     assert lr_factor(0, 100, cos) == pytest.approx(1.0) and lr_factor(100, 100, cos) == pytest.approx(0.2)
     assert lr_factor(50, 100, cos) == pytest.approx(0.6) and lr_factor(150, 100, cos) == pytest.approx(0.2)

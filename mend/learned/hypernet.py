@@ -14,7 +14,7 @@ with one learned step size ``α`` per edited weight.
 - ``combine=True`` (paper default) transforms the concatenation ``[u; δ]`` with one network; ``False`` uses one
   network for ``u`` and one for ``δ``.
 - ``α = exp(log_α)``: always positive; trained with its own (small) learning rate.
-- ``precondition=True`` (an extension: off here, on in ``python -m mend.train``'s defaults) writes the edit in
+- ``precondition=True`` (an extension, the default; ``False`` is the paper's plain edit) writes the edit in
   the geometry of the weight's inputs, as ROME does: ``ΔW = −α Σ_t δ̃_t (P ũ_t)ᵀ`` with ``P = (C/τ + λI)⁻¹``,
   ``C = E[k kᵀ]`` of the module's input over ordinary text, ``τ = tr(C)/d_in`` and ``λ = precondition_ridge``.
   For one key ``u`` and ``λ → 0`` this is the update that writes a given change at ``u`` while changing typical
@@ -51,7 +51,7 @@ class HypernetConfig:
     shared: bool = True  # one network per weight shape, per-layer scale/shift; False: one per weight
     norm: bool = True  # standardise u and δ by running statistics
     alpha_init: float = 5.0e-3  # initial edit step size α of every weight
-    precondition: bool = False  # ΔW = −α Σ δ̃ (P ũ)ᵀ, P = (C/τ + λI)⁻¹ from the inputs' second moment C (see above)
+    precondition: bool = True  # ΔW = −α Σ δ̃ (P ũ)ᵀ, P = (C/τ + λI)⁻¹ from the inputs' second moment C (see above)
     precondition_ridge: float = 1.0e-2  # λ, relative to the mean eigenvalue τ of C
     precondition_tokens: int = 50_000  # tokens of ordinary text C is gathered over (python -m mend.train)
     positions: str = "all"  # the tokens whose factors are edited: all (MEND) or target (those predicting the answer)

@@ -69,12 +69,9 @@ class TrainCommand:
     model: ModelSection = field(default_factory=ModelSection)
     data: TrainDataSection = field(default_factory=TrainDataSection)
     edit: EditSection = field(default_factory=EditSection)
-    # The command's defaults differ from the library's (the paper's plain edit, c_loc = 1) where the short CPU run
-    # measured better (README "Training MEND"): the preconditioned edit, rates decaying on a cosine (a constant rate
-    # leaves the last editor wherever the last few edits pushed it) and a little more weight on locality
-    hypernet: HypernetConfig = field(default_factory=lambda: HypernetConfig(precondition=True))
-    optim: OptimSection = field(default_factory=lambda: OptimSection(schedule="cosine"))
-    loss: LossSection = field(default_factory=lambda: LossSection(c_loc=1.25))
+    hypernet: HypernetConfig = field(default_factory=HypernetConfig)
+    optim: OptimSection = field(default_factory=OptimSection)
+    loss: LossSection = field(default_factory=LossSection)
     trainer: TrainerSection = field(default_factory=TrainerSection)
     eval: EvalSection = field(default_factory=EvalSection)
     malmen: MalmenSection = field(default_factory=MalmenSection)
