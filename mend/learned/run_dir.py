@@ -73,7 +73,10 @@ def read_info(run: str | Path) -> tuple[EditorInfo, dict[str, Any]]:
         raise MendError(f"'{run}' holds no trained editor ({EDITOR_FILE} and {CONFIG_FILE} are needed)")
     try:
         doc = OmegaConf.load(cfg_path)
-        info = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EditorInfo), doc["editor"]))
+        section = OmegaConf.to_container(doc["editor"])
+        if isinstance(section.get("hypernet"), dict):  # runs from before the option edited without P
+            section["hypernet"].setdefault("precondition", False)
+        info = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EditorInfo), section))
     except Exception as e:  # malformed YAML or a missing / mistyped key
         raise MendError(f"cannot read the editor section of {cfg_path}: {str(e).splitlines()[0]}") from e
     if info.format != FORMAT:
