@@ -26,18 +26,38 @@ if TYPE_CHECKING:
     from mend.lora import PeftExport
 
 
+@dataclass(frozen=True)
+class ForwardPatch:
+    """A replacement of one module's forward while an edit is applied, for editors that leave the weights alone
+    (memory-based editors such as SERAC). ``wrap(forward)`` gets the forward beneath (the module's own, or an
+    earlier patch's) and returns the one to run; ``module`` is a module path ("" is the model itself)."""
+
+    module: str
+    wrap: Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
 @dataclass
 class EditResult:
-    """Weight deltas in the ``(d_out, d_in)`` convention, keyed by the weight they change, plus diagnostics."""
+    """Weight deltas in the ``(d_out, d_in)`` convention, keyed by the weight they change, plus diagnostics, and
+    forward patches keyed by name: applying a patch whose key is already applied replaces it (a memory that grows
+    from call to call stays one patch)."""
 
     deltas: dict[WeightRef, torch.Tensor]
     diagnostics: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    patches: dict[str, ForwardPatch] = field(default_factory=dict)
+
+    def weights_only(self, what: str) -> None:
+        """Refuse ``what`` (saving, a LoRA export, ...) for an edit that lives in forward patches."""
+        if self.patches:
+            raise MendError(f"{what} needs an edit made of weight changes; this one holds forward patches "
+                            f"({', '.join(self.patches)}) of a memory-based editor, which only live in this process")
 
     def save(self, path: str | Path) -> Path:
         """Write the deltas as safetensors; the weight references travel in the metadata (JSON)."""
         from safetensors.torch import save_file
 
+        self.weights_only("saving an edit")
         tensors = {ref.param: d.detach().contiguous().cpu() for ref, d in self.deltas.items()}
         if len(tensors) != len(self.deltas):
             raise MendError("an EditResult to save must hold at most one delta per weight")
@@ -60,34 +80,77 @@ class EditResult:
         ``peft.PeftModel.from_pretrained(model, path)`` then gives the edited model. See :mod:`mend.lora`."""
         from mend.lora import export_peft
 
+        self.weights_only("a LoRA export")
         return export_peft(self.deltas, model, path, rank)
 
     @classmethod
     def combine(cls, results: list[EditResult]) -> EditResult:
         """Several edits applied one after another, as one result (their deltas summed per weight)."""
         deltas: dict[WeightRef, torch.Tensor] = {}
+        patches: dict[str, ForwardPatch] = {}
         for r in results:
             for ref, d in r.deltas.items():
                 deltas[ref] = d.clone() if ref not in deltas else deltas[ref] + d.to(deltas[ref].dtype)
-        return cls(deltas, {"combined": len(results)}, sum(r.seconds for r in results))
+            patches.update(r.patches)  # a later patch with the same key replaces the earlier one
+        return cls(deltas, {"combined": len(results)}, sum(r.seconds for r in results), patches)
+
+
+_PATCHES = "_mend_patches"  # model attribute: patch key -> (module, forward beneath, installed forward)
+_ABSENT = object()
 
 
 class AppliedEdit:
-    """Handle returned by :func:`apply_edit`; ``restore()`` puts back the original weights bit for bit."""
+    """Handle returned by :func:`apply_edit`; ``restore()`` puts back the original weights bit for bit and the
+    forwards as they were (an earlier patch that a same-key patch replaced comes back)."""
 
-    def __init__(self, originals: dict[str, tuple[torch.nn.Parameter, torch.Tensor]]):
+    def __init__(self, originals: dict[str, tuple[torch.nn.Parameter, torch.Tensor]],
+                 installed: list[tuple[dict, str, torch.nn.Module, Any, Any]] | None = None):
         self._originals = originals
+        self._installed = installed or []  # (registry, key, module, previous forward attribute, previous entry)
 
     @torch.no_grad()
     def restore(self) -> None:
         for param, saved in self._originals.values():
             param.copy_(saved)
         self._originals = {}
+        for registry, key, module, prev_attr, prev_entry in reversed(self._installed):
+            if prev_attr is _ABSENT:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = prev_attr
+            if prev_entry is None:
+                registry.pop(key, None)
+            else:
+                registry[key] = prev_entry
+        self._installed = []
+
+
+def _install(model: PreTrainedModel, key: str, patch: ForwardPatch) -> tuple[dict, str, torch.nn.Module, Any, Any]:
+    """Put ``patch`` on its module; a patch already applied under ``key`` is replaced (it must be the outermost
+    one on its module, so that nothing installed later wraps it)."""
+    registry = model.__dict__.setdefault(_PATCHES, {})
+    try:
+        module = model.get_submodule(patch.module) if patch.module else model
+    except AttributeError as e:
+        raise MendError(f"patch '{key}': the model has no module '{patch.module}'") from e
+    prev_attr = module.__dict__.get("forward", _ABSENT)
+    prev_entry = registry.get(key)
+    beneath = module.forward
+    if prev_entry is not None:
+        old_module, old_beneath, old_fn = prev_entry
+        if old_module is not module or module.__dict__.get("forward") is not old_fn:
+            raise MendError(f"patch '{key}' cannot replace the applied one: another patch wraps it")
+        beneath = old_beneath
+    fn = patch.wrap(beneath)
+    module.forward = fn
+    registry[key] = (module, beneath, fn)
+    return registry, key, module, prev_attr, prev_entry
 
 
 @torch.no_grad()
 def apply_edit(model: PreTrainedModel, result: EditResult, adapter: ModelAdapter | None = None) -> AppliedEdit:
-    """Add the deltas to the model's weights in place (in the parameters' dtype and layout)."""
+    """Add the deltas to the model's weights in place (in the parameters' dtype and layout) and install the
+    forward patches."""
     adapter = adapter or get_adapter(model)
     staged = []
     for ref, delta in result.deltas.items():  # check every shape before changing anything
@@ -101,7 +164,14 @@ def apply_edit(model: PreTrainedModel, result: EditResult, adapter: ModelAdapter
         if ref.param not in originals:
             originals[ref.param] = (param, param.detach().clone())
         param.add_(stored.to(device=param.device, dtype=param.dtype))
-    return AppliedEdit(originals)
+    handle = AppliedEdit(originals)
+    try:
+        for key, patch in result.patches.items():
+            handle._installed.append(_install(model, key, patch))
+    except BaseException:
+        handle.restore()
+        raise
+    return handle
 
 
 @contextlib.contextmanager
