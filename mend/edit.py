@@ -170,6 +170,7 @@ def main(argv: list[str]) -> int:
         print(f"LoRA adapter written to {export.path} ({len(export.ranks)} module{'s' * (len(export.ranks) != 1)}, "
               f"rank {'/'.join(map(str, ranks))}, relative residual {export.max_residual:.2e})")
     if cfg.save:
+        EditResult.combine(results).weights_only("save=DIR")
         print(f"edited model saved to {save_model(model, tok, cfg.save)}")
     return 0
 

@@ -224,6 +224,7 @@ _BUILTIN: dict[str, str] = {
     "ft": "mend.editors.ft:FTEditor",
     "mend": "mend.learned.mend.editor:MendEditor",
     "malmen": "mend.learned.malmen.editor:MalmenEditor",
+    "serac": "mend.learned.serac.editor:SeracEditor",
     "rome": "locate_edit.rome:ROMEEditor",
     "r-rome": "locate_edit.rome:RROMEEditor",
     "memit": "locate_edit.memit:MEMITEditor",

@@ -236,16 +236,23 @@ def test_every_registered_editor_keeps_the_contract(tiny, tmp_path, monkeypatch,
         editor = TINY_EDITORS[name](model, tok, requests)
         before = param_clones(model)
         result = editor.edit(model, tok, requests)
-        assert_params_identical(model, before)  # edit() computes deltas only
-        assert result.deltas, f"{name}: no deltas"
+        assert_params_identical(model, before)  # edit() changes nothing itself
+        assert result.deltas or result.patches, f"{name}: neither deltas nor patches"
         for ref, d in result.deltas.items():
             mod = adapter.module(ref)
             d_out, d_in = (mod.nf, mod.nx) if isinstance(mod, Conv1D) else (mod.out_features, mod.in_features)
             assert tuple(d.shape) == (d_out, d_in) == tuple(adapter.get_weight(ref).shape), (name, ref.label)
             assert ref.transposed is (model_name == "tiny-gpt2"), (name, ref.label)
             assert torch.isfinite(d).all(), (name, ref.label)
+        ids = tok([r.text for r in requests], return_tensors="pt", padding=True)
+        with torch.no_grad():
+            out_before = model(**ids).logits
         handle = apply_edit(model, result)
         changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
-        assert changed and changed <= {ref.param for ref in result.deltas}, (name, sorted(changed))
+        assert changed <= {ref.param for ref in result.deltas}, (name, sorted(changed))
+        with torch.no_grad():
+            assert not torch.equal(model(**ids).logits, out_before), f"{name}: the edit changes no output"
         handle.restore()
         assert_params_identical(model, before)
+        with torch.no_grad():
+            assert torch.equal(model(**ids).logits, out_before), f"{name}: outputs not restored"

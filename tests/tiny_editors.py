@@ -32,11 +32,23 @@ def _untrained_malmen(model, tok, requests):
                             requests, ids, lambda_init=1.0)
 
 
+def _untrained_serac(model, tok, requests):
+    """SERAC with an untrained scope classifier (a random projection of standardised features)."""
+    from mend.learned.serac.editor import SeracEditor
+    from mend.learned.serac.scope import ScopeClassifier, ScopeConfig, text_features
+
+    torch.manual_seed(0)
+    classifier = ScopeClassifier(model.config.hidden_size, ScopeConfig(dim=16, threshold=0.5))
+    classifier.fit_features(text_features(model, tok, [r.text for r in requests] + ["a b c", "hello there"], -1))
+    return SeracEditor(classifier=classifier)
+
+
 # name -> (model, tokenizer, requests) -> an editor with settings small enough for the 4-layer tiny models
 TINY_EDITORS = {
     "ft": lambda *_: create_editor("ft", {"layers": [0, -1], "lr": 1e-2, "steps": 2, "norm_constraint": 2e-2}),
     "mend": _untrained_mend,
     "malmen": _untrained_malmen,
+    "serac": _untrained_serac,
     "rome": lambda *_: create_editor("rome", _CLOSED_FORM, {"layer": 1}),
     "r-rome": lambda *_: create_editor("r-rome", _CLOSED_FORM, {"layer": 1}),
     "memit": lambda *_: create_editor("memit", _CLOSED_FORM, {"layers": [1, 2]}),

@@ -1,0 +1,134 @@
+"""The ``serac`` editor: the requests go into a memory; a forward patch on the base model's body classifies every
+input against the memory and, for inputs in an edit's scope, recomputes their hidden states with the edit's fact
+written before them (the counterfactual model is the base model conditioned on the edit in context). Inputs out of
+every edit's scope get exactly the base model's outputs. The weights are never changed."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from mend.editor import Editor, EditResult, ForwardPatch
+from mend.errors import ConfigError, MendError
+from mend.learned.serac.scope import ScopeClassifier, pool, text_features
+from mend.models import fingerprint
+from mend.requests import EditRequest
+
+CONTEXT = "{fact}.\n"  # how an edit is written before an input in its scope
+
+
+@dataclass
+class SeracConfig:
+    checkpoint: str | None = None  # a run directory of python -m mend.train configs/train/serac.yaml
+    threshold: float | None = field(default=None, metadata={"min": 0.0, "max": 1.0})  # None: the trained one
+
+
+def fact_text(r: EditRequest) -> str:
+    return CONTEXT.format(fact=f"{r.text}{r.target_new}")
+
+
+class SeracEditor(Editor):
+    name = "serac"
+    Config = SeracConfig
+
+    def __init__(self, config: SeracConfig | None = None, classifier: ScopeClassifier | None = None,
+                 info: Any = None):
+        super().__init__(config)
+        self._classifier, self._info = classifier, info
+        self.reset()
+
+    def reset(self) -> None:
+        self._emb: torch.Tensor | None = None  # (N, dim) embeddings of the stored edits
+        self._facts: list[list[int]] = []  # token ids of each stored edit's context
+
+    def _load(self, model: PreTrainedModel) -> ScopeClassifier:
+        if self._classifier is None:
+            if not self.config.checkpoint:
+                raise ConfigError("editor 'serac' needs editor.checkpoint=RUN_DIR (a run directory of python -m "
+                                  "mend.train configs/train/serac.yaml)")
+            from mend.learned.serac.run import load_serac
+
+            self._classifier, self._info = load_serac(self.config.checkpoint)
+        if self._info is not None and self._info.fingerprint != fingerprint(model):
+            raise MendError(f"the serac editor in {self.config.checkpoint or 'memory'} was trained for "
+                            f"{self._info.model} (fingerprint {self._info.fingerprint}), not for this model "
+                            f"({fingerprint(model)}); train one with python -m mend.train configs/train/serac.yaml")
+        return self._classifier.to(model.device)
+
+    def prepare(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+        self._load(model)
+
+    def edit(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+             requests: list[EditRequest]) -> EditResult:
+        t0 = time.perf_counter()
+        if getattr(model.config, "is_encoder_decoder", False):
+            raise MendError("the serac editor supports decoder-only models (its counterfactual model reads the edit "
+                            "in context)")
+        classifier = self._load(model)
+        with torch.no_grad():
+            feats = text_features(model, tokenizer, [r.text for r in requests], classifier.cfg.layer)
+            emb = classifier.embed(feats.to(model.device))
+        self._emb = emb if self._emb is None else torch.cat([self._emb, emb])
+        self._facts += [tokenizer(fact_text(r), add_special_tokens=False).input_ids for r in requests]
+        threshold = classifier.cfg.threshold if self.config.threshold is None else self.config.threshold
+        prefix = model.base_model_prefix
+        if not isinstance(getattr(model, prefix, None), torch.nn.Module):
+            raise MendError(f"{type(model).__name__} has no body module '{prefix}' to patch")
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        wrap = _scoped_forward(classifier, self._emb.clone(), list(self._facts), threshold, pad)
+        return EditResult({}, {"memory": len(self._facts)}, time.perf_counter() - t0,
+                          patches={"serac": ForwardPatch(prefix, wrap)})
+
+
+def _has_past(past: Any) -> bool:
+    if past is None:
+        return False
+    get_len = getattr(past, "get_seq_length", None)
+    return bool(get_len() > 0) if callable(get_len) else len(past) > 0
+
+
+def _scoped_forward(classifier: ScopeClassifier, memory: torch.Tensor, facts: list[list[int]], threshold: float,
+                    pad: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    layer = classifier.cfg.layer
+
+    def wrap(forward: Callable[..., Any]) -> Callable[..., Any]:
+        def patched(*args: Any, **kwargs: Any) -> Any:
+            if len(args) == 1 and "input_ids" not in kwargs:  # GPT-2's head passes input_ids by position
+                args, kwargs = (), {**kwargs, "input_ids": args[0]}
+            input_ids, attention_mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+            if (args or input_ids is None or kwargs.get("inputs_embeds") is not None or kwargs.get("return_dict") is False
+                    or _has_past(kwargs.get("past_key_values"))):
+                # positional arguments, embeddings, tuples or a cached generation's later steps: the base model
+                return forward(*args, **kwargs)
+            wanted = kwargs.get("output_hidden_states")
+            out = forward(**{**kwargs, "output_hidden_states": True})
+            mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+            with torch.no_grad():
+                idx, prob = classifier.retrieve(classifier.embed(pool(out.hidden_states[layer], mask)), memory)
+            if not wanted:  # the output the caller asked for (ModelOutput keeps a key set to None)
+                out = type(out)(**{k: v for k, v in out.items() if k != "hidden_states"})
+            rows = (prob > threshold).nonzero().flatten().tolist()
+            if not rows:
+                return out
+            seqs = [(i, facts[int(idx[i])], mask[i].bool()) for i in rows]
+            length = max(len(f) + int(m.sum()) for _, f, m in seqs)
+            ids = torch.full((len(seqs), length), pad, dtype=input_ids.dtype, device=input_ids.device)
+            am = torch.zeros_like(ids)
+            for j, (i, f, m) in enumerate(seqs):
+                row = torch.cat([torch.tensor(f, dtype=ids.dtype, device=ids.device), input_ids[i][m]])
+                ids[j, : len(row)], am[j, : len(row)] = row, 1
+            ctx = forward(input_ids=ids, attention_mask=am, use_cache=False).last_hidden_state
+            hidden = out.last_hidden_state.clone()
+            for j, (i, f, m) in enumerate(seqs):
+                hidden[i, m] = ctx[j, len(f) : len(f) + int(m.sum())].to(hidden.dtype)
+            out.last_hidden_state = hidden
+            return out
+
+        return patched
+
+    return wrap
