@@ -42,7 +42,7 @@ always the base; a config file given first changes it, then key=value overrides.
 <out>/config.yaml, <out>/metrics.json, TensorBoard logs in <out>/logs, the resume state in <out>/last, the
 editor of the best validation in <out>/best and the final evaluation in <out>/eval.
 
-  method=mend|malmen          the learned editor [mend]
+  method=mend|malmen|serac    the learned editor [mend]; serac: configs/train/serac.yaml
   model=NAME                  model alias, path or HF id [smollm2-135m]
   model.device_map=auto       shard the frozen base model over the devices (accelerate); the hypernetwork
                               trains on trainer.accelerator
@@ -146,6 +146,10 @@ def main(argv: list[str]) -> int:
     cfg = build_config(TrainCommand, argv, text_keys=("out", "name"), base=config_dir() / "train" / "default.yaml")
     validate(cfg)
     out = Path(cfg.out) if cfg.out else Path("checkpoints") / run_name(cfg)
+    if cfg.method == "serac":  # a classifier on frozen features: its own short loop (mend/learned/serac/train.py)
+        from mend.learned.serac.train import train_serac
+
+        return train_serac(cfg, out)
     ckpt = resume_path(cfg, out)
     if ckpt is not None and finished(cfg, out):
         return 0

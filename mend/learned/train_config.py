@@ -12,8 +12,9 @@ from mend.learned.hypernet import ACTIVATIONS, HypernetConfig
 from mend.learned.lit_data import TRAIN_FILES, TrainDataSection
 from mend.learned.malmen.solve import MalmenSection
 from mend.learned.module import SCHEDULES, LossSection, OptimSection
+from mend.learned.serac.scope import ScopeConfig
 
-METHODS = ("mend", "malmen")  # the learned editor a run trains (editor name of the run directory)
+METHODS = ("mend", "malmen", "serac")  # the learned editor a run trains (editor name of the run directory)
 
 
 @dataclass
@@ -75,6 +76,7 @@ class TrainCommand:
     trainer: TrainerSection = field(default_factory=TrainerSection)
     eval: EvalSection = field(default_factory=EvalSection)
     malmen: MalmenSection = field(default_factory=MalmenSection)
+    serac: ScopeConfig = field(default_factory=ScopeConfig)  # method=serac: the scope classifier
     norm_warmup: int = 20  # batches of factors that fill the input statistics before the first step
     name: str | None = None  # run name (default: mend-<model>-<data>)
     out: str | None = None  # run directory (default: checkpoints/<name>)
