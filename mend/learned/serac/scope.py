@@ -38,12 +38,15 @@ def text_features(model: PreTrainedModel, tok: PreTrainedTokenizerBase, texts: l
     """Pooled hidden states (n, d) of ``texts`` under the unedited model (right-padded batches)."""
     from tqdm.auto import tqdm
 
-    out = []
+    body = getattr(model, model.base_model_prefix, model)  # the LM head is not needed (and costs most on 49k tokens)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths together: little padding
+    out = torch.zeros(len(texts), model.config.hidden_size)
     for lo in tqdm(range(0, len(texts), batch_size), desc="scope features", disable=not progress, leave=False):
-        enc = tok(texts[lo : lo + batch_size], return_tensors="pt", padding=True).to(model.device)
-        hs = model(**enc, output_hidden_states=True, use_cache=False).hidden_states
-        out.append(pool(hs[layer], enc.attention_mask).cpu())
-    return torch.cat(out) if out else torch.zeros(0, model.config.hidden_size)
+        rows = order[lo : lo + batch_size]
+        enc = tok([texts[i] for i in rows], return_tensors="pt", padding=True).to(model.device)
+        hs = body(**enc, output_hidden_states=True, use_cache=False).hidden_states
+        out[rows] = pool(hs[layer], enc.attention_mask).cpu()
+    return out
 
 
 class ScopeClassifier(nn.Module):
