@@ -102,3 +102,39 @@ def test_save_reload_and_fingerprint_refusal(tiny, tmp_path):
         SeracEditor(SeracEditor.Config(checkpoint=str(tmp_path / "run"))).edit(other, otok, REQS[:1])
     with pytest.raises(MendError, match="no trained SERAC"):
         load_serac(tmp_path / "nothing")
+
+
+def test_training_fast_dev_run_writes_a_run_directory_the_editor_reads(tiny, tmp_path, capsys):
+    """``python -m mend.train configs/train/serac.yaml`` on a tiny model and the built-in facts, one step."""
+    from conftest import run_command
+
+    from mend.learned.train import USAGE, main
+    from mend.paths import config_dir
+
+    out = tmp_path / "run"
+    argv = [str(config_dir() / "train" / "serac.yaml"), "model=tiny-llama", "data=builtin", "data.limit=30",
+            "data.val_limit=10", "trainer.fast_dev_run=true", "trainer.progress=false", f"out={out}"]
+    code, stdout, err = run_command(main, USAGE, argv, capsys)
+    assert code == 0, err
+    assert "in_scope_recall" in stdout and (out / "editor.safetensors").exists()
+    model, tok = tiny("tiny-llama")
+    result = SeracEditor(SeracEditor.Config(checkpoint=str(out))).edit(model, tok, REQS)
+    assert result.patches and not result.deltas
+
+
+def test_scope_metrics_count_recall_and_rejection():
+    """The validation score on hand-made features: a classifier that puts everything in scope rejects nothing."""
+    from mend.learned.serac.train import scope_metrics
+
+    class F:
+        feats = torch.eye(4)
+        edit = torch.tensor([0, 1])
+        pos = [[2], [3]]
+        neg = [[3]]
+
+    clf = ScopeClassifier(4, ScopeConfig(dim=4, threshold=0.5))
+    with torch.no_grad():
+        clf.proj.weight.copy_(torch.eye(4))
+        clf.bias.fill_(100.0)  # every pair in scope
+    m = scope_metrics(clf, F)
+    assert m["out_of_scope_rejection"] == 0.0 and m["score"] == 0.0
