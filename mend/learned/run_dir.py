@@ -55,9 +55,16 @@ class EditorInfo:
 
 def save_editor(out: str | Path, hypernet: MendHypernet, info: EditorInfo, train_config: dict[str, Any]) -> Path:
     """Write ``editor.safetensors`` and ``config.yaml`` (atomically, each)."""
+    return write_run_files(out, hypernet, info, train_config, FORMAT)
+
+
+def write_run_files(out: str | Path, module: torch.nn.Module, info: Any, train_config: dict[str, Any],
+                    fmt: str) -> Path:
+    """A trained editor's files, for every learned method: ``module``'s state as ``editor.safetensors`` and the
+    training config plus the ``editor`` section (the dataclass ``info``) as ``config.yaml``."""
     out = Path(out)
-    state = {k: v.detach().cpu().contiguous() for k, v in hypernet.state_dict().items()}
-    atomic_write(out / EDITOR_FILE, lambda tmp: save_file(state, tmp, metadata={"format": FORMAT}))
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    atomic_write(out / EDITOR_FILE, lambda tmp: save_file(state, tmp, metadata={"format": fmt}))
     doc = {**train_config, "editor": asdict(info)}
     write_text(out / CONFIG_FILE, OmegaConf.to_yaml(OmegaConf.create(doc)))
     return out / EDITOR_FILE

@@ -4,16 +4,15 @@ fingerprint, method, classifier settings)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from mend.errors import MendError
-from mend.io import atomic_write, write_text
-from mend.learned.run_dir import CONFIG_FILE, EDITOR_FILE
+from mend.learned.run_dir import CONFIG_FILE, EDITOR_FILE, write_run_files
 from mend.learned.serac.scope import ScopeClassifier, ScopeConfig
 
 FORMAT = "serac-editor/1"
@@ -31,12 +30,8 @@ class SeracInfo:
 
 
 def save_serac(out: str | Path, classifier: ScopeClassifier, info: SeracInfo, train_config: dict[str, Any]) -> Path:
-    out = Path(out)
-    state = {k: v.detach().cpu().contiguous() for k, v in classifier.state_dict().items()}
-    atomic_write(out / EDITOR_FILE, lambda tmp: save_file(state, tmp, metadata={"format": FORMAT}))
-    doc = {**train_config, "editor": asdict(info)}
-    write_text(out / CONFIG_FILE, OmegaConf.to_yaml(OmegaConf.create(doc)))
-    return out
+    write_run_files(out, classifier, info, train_config, FORMAT)
+    return Path(out)
 
 
 def load_serac(run: str | Path) -> tuple[ScopeClassifier, SeracInfo]:
