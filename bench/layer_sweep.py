@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from mend.config import ModelSection, build_config, editor_layers
+from mend.config import ModelSection, build_config
 from mend.errors import ConfigError
 
 USAGE = """
@@ -82,8 +82,8 @@ def main(argv: list[str]) -> int:
     if not cfg.layers or cfg.n <= 0:
         raise ConfigError("give at least one layer (layers=[...]) and n > 0")
     from locate_edit.layer_choice import resolve_layers
+    from mend.api import create_editor
     from mend.data.registry import load_dataset
-    from mend.editor import create_editor
     from mend.evaluation.evaluator import EvalSettings, Evaluator
     from mend.io import write_json, write_text
     from mend.models import load_model
@@ -97,8 +97,7 @@ def main(argv: list[str]) -> int:
                    progress=cfg.progress)
     rows = []
     for layer in layers:
-        editor = create_editor(cfg.editor, *editor_layers(cfg.editor, cfg.model.name, model.config.model_type,
-                                                          {"layer": layer}))
+        editor = create_editor(cfg.editor, model, layer=layer)
         t0 = time.perf_counter()
         m = ev.run(editor).metrics
         rows.append({"layer": layer, **{k: m[k] for k in KEYS}, "seconds_per_edit": m["seconds_per_edit"],

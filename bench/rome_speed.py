@@ -17,9 +17,8 @@ import torch
 from timing import fwd_bwd_seconds  # bench/timing.py (scripts run as python bench/NAME.py)
 
 from locate_edit.keys import context_templates, fill
-from mend.config import editor_layers
+from mend.api import create_editor
 from mend.data.registry import load_dataset
-from mend.editor import create_editor
 from mend.models import load_model
 
 
@@ -41,7 +40,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     model, tok = load_model(args.model)
     reqs = load_dataset("counterfact", limit=max(args.n, args.batch)).requests
-    rome = create_editor("rome", *editor_layers("rome", args.model, model.config.model_type, {}))
+    rome = create_editor("rome", model)
     rome.edit(model, tok, reqs[:1])  # statistics and templates: computed once, cached
     templates = context_templates(model, tok, rome.config.templates.spec, rome.config.templates.seed)
     rows = []
@@ -59,7 +58,7 @@ def main() -> None:
     print(f"{'median':>5}{med['edit_s']:>10.2f}{med['fwd_bwd_s']:>13.3f}{med['ratio']:>8.1f}   (target ratio <= 8)")
     out = {"model": args.model, "rome": rows, "rome_median": med}
     if args.batch:
-        memit = create_editor("memit", *editor_layers("memit", args.model, model.config.model_type, {}))
+        memit = create_editor("memit", model)
         memit.edit(model, tok, reqs[:1])
         t0 = time.perf_counter()
         res = memit.edit(model, tok, reqs[: args.batch])

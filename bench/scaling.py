@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from mend.config import build_config, editor_layers
-from mend.editor import create_editor
+from mend.api import create_editor
+from mend.config import build_config
 from mend.evaluate import EvaluateCommand, evaluate_editors, load_eval_dataset
 from mend.io import write_json
 from mend.models import load_model
@@ -72,8 +72,7 @@ def main() -> None:
                            text_keys=("out", "data.path"))
         ds = load_eval_dataset(cfg)
         run = [e for e in names if n <= max_n.get(e, n)]
-        editors = [(e, create_editor(e, *editor_layers(e, args.model, model.config.model_type,
-                                                          {"checkpoint": checkpoints[e]} if e in checkpoints else {})))
+        editors = [(e, create_editor(e, model, **({"checkpoint": checkpoints[e]} if e in checkpoints else {})))
                    for e in run]
         t0 = time.perf_counter()
         res = evaluate_editors(cfg, model, tok, editors, ds)

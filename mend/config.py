@@ -77,10 +77,12 @@ def load_yaml(path: Path) -> DictConfig:
 
 
 def build_config(
-    schema: type, argv: list[str], text_keys: tuple[str, ...] = (), base: Path | None = None
+    schema: type, argv: list[str], text_keys: tuple[str, ...] = (), base: Path | None = None,
+    values: dict[str, Any] | None = None,
 ) -> DictConfig:
-    """Schema defaults, then the ``base`` YAML file (a command's defaults) and the user's YAML file, then the
-    overrides; type errors become ConfigError.
+    """Schema defaults, then the ``base`` YAML file (a command's defaults) and the user's YAML file, then
+    ``values`` (a nested dict: the Python API's keyword arguments), then the overrides; type errors become
+    ConfigError.
 
     Values of ``text_keys`` (free text such as prompts), values with surrounding spaces and values that are not
     valid YAML are taken verbatim: YAML would read ``{} is in`` as a mapping and strip the space of `` Rome``.
@@ -91,6 +93,8 @@ def build_config(
         for file in (base, path):
             if file is not None:
                 cfg = OmegaConf.merge(cfg, load_yaml(file))
+        if values:
+            cfg = OmegaConf.merge(cfg, values)
         for item in dotlist:
             key, _, raw = item.partition("=")
             OmegaConf.update(cfg, key, _value(key, raw, text_keys), merge=True, force_add=False)

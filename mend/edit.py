@@ -11,9 +11,10 @@ import torch
 from omegaconf import OmegaConf
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from mend.api import create_editor
 from mend.cli import run
-from mend.config import SEED, ModelSection, build_config, editor_layers
-from mend.editor import EditResult, apply_edit, create_editor, editor_class
+from mend.config import SEED, ModelSection, build_config
+from mend.editor import EditResult, apply_edit, editor_class
 from mend.errors import ConfigError
 from mend.io import write_dir_atomically, write_json
 from mend.models import load_model
@@ -140,7 +141,7 @@ def main(argv: list[str]) -> int:
     from mend.adapters import get_adapter
 
     get_adapter(model)  # fail on an unsupported architecture before any work
-    editor = create_editor(name, *editor_layers(name, cfg.model.name, model.config.model_type, user))
+    editor = create_editor(name, model, **user)
     editor.prepare(model, tok)  # statistics, templates: once per model, not part of the edit time
     reqs = with_true_targets(model, tok, reqs)
     before = measure(model, tok, reqs, cfg.max_new_tokens)
@@ -164,13 +165,14 @@ def main(argv: list[str]) -> int:
     if cfg.json:
         write_json(cfg.json, report)
         print(f"figures written to {cfg.json}")
+    combined = EditResult.combine(results)
     if cfg.lora.dir:
-        export = EditResult.combine(results).to_peft(cfg.lora.dir, model, cfg.lora.rank)
+        export = combined.to_peft(cfg.lora.dir, model, cfg.lora.rank)
         ranks = sorted(set(export.ranks.values()))
         print(f"LoRA adapter written to {export.path} ({len(export.ranks)} module{'s' * (len(export.ranks) != 1)}, "
               f"rank {'/'.join(map(str, ranks))}, relative residual {export.max_residual:.2e})")
     if cfg.save:
-        EditResult.combine(results).weights_only("save=DIR")
+        combined.weights_only("save=DIR")
         print(f"edited model saved to {save_model(model, tok, cfg.save)}")
     return 0
 

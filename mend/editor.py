@@ -103,10 +103,10 @@ class AppliedEdit:
     """Handle returned by :func:`apply_edit`; ``restore()`` puts back the original weights bit for bit and the
     forwards as they were (an earlier patch that a same-key patch replaced comes back)."""
 
-    def __init__(self, originals: dict[str, tuple[torch.nn.Parameter, torch.Tensor]],
-                 installed: list[tuple[dict, str, torch.nn.Module, Any, Any]] | None = None):
+    def __init__(self, originals: dict[str, tuple[torch.nn.Parameter, torch.Tensor]]):
         self._originals = originals
-        self._installed = installed or []  # (registry, key, module, previous forward attribute, previous entry)
+        # (registry, key, module, previous forward attribute, previous entry) of each patch installed
+        self._installed: list[tuple[dict, str, torch.nn.Module, Any, Any]] = []
 
     @torch.no_grad()
     def restore(self) -> None:

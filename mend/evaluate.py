@@ -10,11 +10,11 @@ from typing import Any
 
 import torch
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
+from mend.api import create_editor, model_identity
 from mend.cli import run
-from mend.config import SEED, ModelSection, build_config, check_values, editor_layers, omega_message
-from mend.editor import Editor, config_keys, create_editor, editor_class
+from mend.config import SEED, ModelSection, build_config
+from mend.editor import Editor, config_keys, editor_class
 from mend.errors import ConfigError
 from mend.evaluation.evaluator import MODES, EvalSettings, Evaluator
 from mend.evaluation.report import markdown_table, write_reports
@@ -110,10 +110,16 @@ def per_editor_settings(cfg: Any, names: list[str]) -> dict[str, dict[str, Any]]
     return out
 
 
-def main(argv: list[str]) -> int:
-    cfg = build_config(EvaluateCommand, argv, text_keys=("out",))
+def evaluate_config(argv: list[str], values: dict[str, Any] | None = None) -> Any:
+    """The command's typed config from ``key=value`` arguments (or the API's ``values``), its mode checked."""
+    cfg = build_config(EvaluateCommand, argv, text_keys=("out",), values=values)
     if cfg.mode not in MODES:
         raise ConfigError(f"mode must be one of {', '.join(MODES)}, got '{cfg.mode}'")
+    return cfg
+
+
+def main(argv: list[str]) -> int:
+    cfg = evaluate_config(argv)
     names = editor_names(cfg)
     settings = per_editor_settings(cfg, names)
     ds = load_eval_dataset(cfg)  # bad data fails before the model loads
@@ -122,8 +128,8 @@ def main(argv: list[str]) -> int:
     from mend.adapters import get_adapter
 
     get_adapter(model)
-    editors = [(n, create_editor(n, *editor_layers(n, cfg.model.name, model.config.model_type, settings[n])))
-               for n in names]
+    editors = [(n, create_editor(n, model, **settings[n])) for n in names]
+
     def finished(label: str, partial: dict[str, Any]) -> None:
         """Report each editor as soon as it is measured, and keep the reports written so far on disk."""
         m = partial["editors"][label]["metrics"]
@@ -207,9 +213,6 @@ def evaluate(editors: Any, model: Any = "smollm2-135m", data: str | dict[str, An
     :func:`mend.load_model`. ``data``: a data set name or its section (``{"name": "counterfact", "limit": 50}``);
     ``limit=N`` is short for ``data.limit``. ``options``: the command's other keys (``mode``, ``batch_size``,
     ``drawdown``, ``settings``, ...). Writes results.json / .md / plots only when ``out`` is given."""
-    from mend.api import create_editor as api_create
-    from mend.api import model_identity
-
     if isinstance(editors, (str, Editor)):
         editors = [editors]
     items = list(editors.items()) if isinstance(editors, dict) else [
@@ -221,18 +224,11 @@ def evaluate(editors: Any, model: Any = "smollm2-135m", data: str | dict[str, An
         data["limit"] = options.pop("limit")
     loaded = model if isinstance(model, tuple) else None
     name = model_identity(loaded[0])[0] if loaded else model
-    try:
-        cfg = OmegaConf.merge(OmegaConf.structured(EvaluateCommand),
-                              {"model": {"name": name}, "data": data, **options})
-        check_values(OmegaConf.to_object(cfg))
-    except OmegaConfBaseException as e:
-        raise ConfigError(omega_message(e)) from e
-    if cfg.mode not in MODES:
-        raise ConfigError(f"mode must be one of {', '.join(MODES)}, got '{cfg.mode}'")
+    cfg = evaluate_config([], {"model": {"name": name}, "data": data, **options})
     ds = load_eval_dataset(cfg)
     torch.manual_seed(cfg.seed)
     model, tok = loaded or load_model(cfg.model.name, cfg.model.dtype, cfg.model.device, cfg.model.device_map)
-    built = [(label, e if isinstance(e, Editor) else api_create(e, model)) for label, e in items]
+    built = [(label, e if isinstance(e, Editor) else create_editor(e, model)) for label, e in items]
     results = evaluate_editors(cfg, model, tok, built, ds)
     if out:
         write_reports(results, out)

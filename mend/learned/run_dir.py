@@ -127,3 +127,13 @@ def load_editor(run: str | Path, device: str | torch.device = "cpu",
     if missing or unexpected:
         raise MendError(f"{path} does not match its config.yaml (missing {missing[:3]}, unexpected {unexpected[:3]})")
     return hypernet.to(device).eval(), info
+
+
+def check_model(editor: str, trained_for: str, trained_fp: str, where: str, model: Any) -> None:
+    """Refuse a trained editor on a model other than the one it was trained for (by fingerprint)."""
+    from mend.models import fingerprint
+
+    fp = fingerprint(model)
+    if fp != trained_fp:
+        raise MendError(f"the {editor} editor in {where} was trained for {trained_for} (fingerprint {trained_fp}), "
+                        f"not for this model ({fp}); train one with python -m mend.train model=...")

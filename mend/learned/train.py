@@ -257,12 +257,12 @@ def _lightning_trainer(t: Any, batches: int, out: Path, callback: Any, manual: b
     )
 
 
-def final_evaluation(cfg: Any, out: Path, model: Any, tok: Any, module: Any) -> dict[str, Any]:
-    """The trained editor (read back from ``out``) beside the untrained one, on held-out data; prints the table."""
-    from mend.editor import create_editor, editor_class
+def held_out_evaluation(cfg: Any, out: Path, model: Any, tok: Any, editors: list[tuple[str, Any]],
+                        run_dir: Path) -> tuple[dict[str, Any], Path, str]:
+    """``editors`` on the run's held-out evaluation data (``cfg.eval``), reports in ``<out>/eval``; prints the table.
+    Returns the results, the results.json path and the command that reproduces the trained editor's row."""
     from mend.evaluate import DrawdownSection, EvaluateCommand, evaluate_editors
     from mend.evaluation.report import markdown_table, write_reports
-    from mend.learned.run_dir import build_hypernet
 
     e = cfg.eval
     args = [f"model={cfg.model.name}", f"data={e.data}", f"data.split={e.split}", f"drawdown.source={e.drawdown}",
@@ -272,6 +272,22 @@ def final_evaluation(cfg: Any, out: Path, model: Any, tok: Any, module: Any) -> 
         extra.append(f"drawdown.samples={e.drawdown_samples}")
     args += extra
     ecfg = build_config(EvaluateCommand, args, text_keys=("out", "data.path"))
+    results = evaluate_editors(ecfg, model, tok, editors)
+    paths = write_reports(results, ecfg.out)
+    print(markdown_table(results))
+    command = (f"python -m mend.evaluate editors=[{cfg.method}] editor.checkpoint={run_dir} model={cfg.model.name} "
+               f"data={e.data}"
+               + (f" data.split={e.split}" if e.split != "test" else "") + "".join(f" {a}" for a in extra)
+               + (f" drawdown.source={e.drawdown}" if e.drawdown != "auto" else "") + f" out={out / 'eval-check'}")
+    return results, paths["json"], command
+
+
+def final_evaluation(cfg: Any, out: Path, model: Any, tok: Any, module: Any) -> dict[str, Any]:
+    """The trained editor (read back from ``out``) beside the untrained one, on held-out data; prints the table."""
+    from mend.editor import create_editor, editor_class
+    from mend.learned.run_dir import build_hypernet
+
+    e = cfg.eval
     run_dir = out / BEST_DIR if e.editor == "best" and (out / BEST_DIR).exists() else out
     method = cfg.method
     trained = create_editor(method, {"checkpoint": str(run_dir)})
@@ -280,15 +296,10 @@ def final_evaluation(cfg: Any, out: Path, model: Any, tok: Any, module: Any) -> 
     for name, buf in module.hypernet.named_buffers():  # the statistics (and M): identity needs them only to be ready
         identity.get_buffer(name).copy_(buf)
     untrained = editor_class(method)(hypernet=identity.to(model.device), info=trained.info)
-    results = evaluate_editors(ecfg, model, tok, [(f"{method} (untrained)", untrained), (method, trained)])
-    paths = write_reports(results, ecfg.out)
-    print(markdown_table(results))
-    command = (f"python -m mend.evaluate editors=[{method}] editor.checkpoint={run_dir} model={cfg.model.name} "
-               f"data={e.data}"
-               + (f" data.split={e.split}" if e.split != "test" else "") + "".join(f" {a}" for a in extra)
-               + (f" drawdown.source={e.drawdown}" if e.drawdown != "auto" else "") + f" out={out / 'eval-check'}")
+    results, path, command = held_out_evaluation(
+        cfg, out, model, tok, [(f"{method} (untrained)", untrained), (method, trained)], run_dir)
     return {"data": e.data, "split": e.split, "n": results["dataset"]["n"], "editor": str(run_dir),
             "editor_step": trained.info.step, "unedited": results["pre"],
             "untrained": results["editors"][f"{method} (untrained)"]["metrics"],
-            "trained": results["editors"][method]["metrics"], "results": str(paths["json"]), "command": command}
+            "trained": results["editors"][method]["metrics"], "results": str(path), "command": command}
 

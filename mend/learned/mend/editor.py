@@ -15,7 +15,7 @@ from mend.editor import Editor, EditResult
 from mend.errors import ConfigError, MendError
 from mend.learned.factors import edit_factors
 from mend.learned.hypernet import HypernetConfig, MendHypernet
-from mend.learned.run_dir import EditedWeight, EditorInfo, load_editor
+from mend.learned.run_dir import EditedWeight, EditorInfo, check_model, load_editor
 from mend.models import fingerprint
 from mend.moments import input_moments
 from mend.requests import EditRequest
@@ -57,12 +57,7 @@ class MendEditor(Editor):
         self._load()
         assert self._hypernet is not None and self._info is not None
         if self._checked != id(model):
-            fp = fingerprint(model)
-            if fp != self._info.fingerprint:
-                where = self.config.checkpoint or "memory"
-                raise MendError(f"the {self.name} editor in {where} was trained for {self._info.model} (fingerprint "
-                                f"{self._info.fingerprint}), not for this model ({fp}); train one with "
-                                f"python -m mend.train model=...")
+            check_model(self.name, self._info.model, self._info.fingerprint, self.config.checkpoint or "memory", model)
             self._checked = id(model)
         if next(self._hypernet.parameters()).device != model.device:
             self._hypernet.to(model.device)

@@ -15,8 +15,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mend.editor import Editor, EditResult, ForwardPatch
 from mend.errors import ConfigError, MendError
+from mend.learned.run_dir import check_model
 from mend.learned.serac.scope import ScopeClassifier, pool, text_features
-from mend.models import fingerprint
 from mend.requests import EditRequest
 
 CONTEXT = "{fact}.\n"  # how an edit is written before an input in its scope
@@ -40,6 +40,7 @@ class SeracEditor(Editor):
                  info: Any = None):
         super().__init__(config)
         self._classifier, self._info = classifier, info
+        self._checked: int | None = None  # id of the model whose fingerprint matched
         self.reset()
 
     def reset(self) -> None:
@@ -54,10 +55,9 @@ class SeracEditor(Editor):
             from mend.learned.serac.run import load_serac
 
             self._classifier, self._info = load_serac(self.config.checkpoint)
-        if self._info is not None and self._info.fingerprint != fingerprint(model):
-            raise MendError(f"the serac editor in {self.config.checkpoint or 'memory'} was trained for "
-                            f"{self._info.model} (fingerprint {self._info.fingerprint}), not for this model "
-                            f"({fingerprint(model)}); train one with python -m mend.train configs/train/serac.yaml")
+        if self._info is not None and self._checked != id(model):
+            check_model(self.name, self._info.model, self._info.fingerprint, self.config.checkpoint or "memory", model)
+            self._checked = id(model)
         return self._classifier.to(model.device)
 
     def prepare(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:

@@ -153,21 +153,10 @@ def train_serac(cfg: Any, out: Path) -> int:
 
 def _evaluate(cfg: Any, out: Path, model: Any, tok: Any) -> dict[str, Any]:
     """The trained editor on held-out data beside the unedited model; prints the table."""
-    from mend.config import build_config
     from mend.editor import create_editor
-    from mend.evaluate import EvaluateCommand, evaluate_editors
-    from mend.evaluation.report import markdown_table, write_reports
-    from mend.paths import under_data_root
+    from mend.learned.train import held_out_evaluation
 
-    e = cfg.eval
-    args = [f"model={cfg.model.name}", f"data={e.data}", f"data.split={e.split}", f"drawdown.source={e.drawdown}",
-            f"out={out / 'eval'}", f"progress={cfg.trainer.progress}", f"drawdown.samples={e.drawdown_samples}"]
-    args += ([f"data.path={under_data_root(e.path)}"] if e.path else []) + ([f"data.limit={e.limit}"] if e.limit else [])
-    ecfg = build_config(EvaluateCommand, args, text_keys=("out", "data.path"))
-    results = evaluate_editors(ecfg, model, tok, [("serac", create_editor("serac", {"checkpoint": str(out)}))])
-    paths = write_reports(results, ecfg.out)
-    print(markdown_table(results))
-    return {"unedited": results["pre"], "trained": results["editors"]["serac"]["metrics"],
-            "results": str(paths["json"]),
-            "command": f"python -m mend.evaluate editors=[serac] editor.checkpoint={out} " + " ".join(args[1:-3])}
-
+    results, path, command = held_out_evaluation(
+        cfg, out, model, tok, [("serac", create_editor("serac", {"checkpoint": str(out)}))], out)
+    return {"unedited": results["pre"], "trained": results["editors"]["serac"]["metrics"], "results": str(path),
+            "command": command}
