@@ -15,11 +15,11 @@ import dataclasses
 import logging
 
 import torch
-from transformers import PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
 
 from mend.adapters.partial import cache_kv, kv_cache, prefix_cache_applies
 from mend.models import fingerprint
-from mend.scoring import TargetBatch, forward_target_logits, split_head
+from mend.scoring import TargetBatch, forward_target_logits, index_rows, split_head
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +43,39 @@ class SuffixBatch:
         idx = self.cols.view(*self.cols.shape, *([1] * (full.ndim - 2))).expand(-1, -1, *full.shape[2:])
         return full.gather(1, idx)
 
+    def select(self, rows: torch.Tensor) -> SuffixBatch:
+        """The suffix batch of ``rows`` (indices) only."""
+        return SuffixBatch(index_rows(self.suffix, rows), [(k[rows], v[rows]) for k, v in self.kv], self.cols[rows])
 
-def split_batch(model: PreTrainedModel, batch: TargetBatch, split: torch.Tensor, min_saving: float = 0.2
-                ) -> SuffixBatch | None:
-    """Run the tokens before ``split[i]`` of each row once and return the suffix batch, or None when the model
-    cannot (encoder-decoder, no separate LM head) or the suffix would save less than ``min_saving`` of the tokens."""
+
+def _cacheable(model: PreTrainedModel, batch: TargetBatch) -> bool:
     base, head = split_head(model)
-    ids, attn = batch.inputs.get("input_ids"), batch.inputs.get("attention_mask")
-    if base is None or head is None or ids is None or not prefix_cache_applies(model, ids.shape[1]):
+    ids = batch.inputs.get("input_ids")
+    return base is not None and head is not None and ids is not None and prefix_cache_applies(model, ids.shape[1])
+
+
+def forward_keeping_cache(model: PreTrainedModel, batch: TargetBatch
+                          ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]] | None]:
+    """:func:`mend.scoring.forward_target_logits` of the full rows and, where prefixes can be cached, every
+    layer's keys and values: by the causal mask, a row's first columns hold what a run of its prefix alone
+    computes, so :func:`split_batch` takes them instead of running the prefixes again."""
+    if not _cacheable(model, batch):
+        return forward_target_logits(model, batch), None
+    cache = DynamicCache()
+    logits = forward_target_logits(model, dataclasses.replace(
+        batch, inputs={**batch.inputs, "past_key_values": cache, "use_cache": True}))
+    return logits, cache_kv(cache)
+
+
+def split_batch(model: PreTrainedModel, batch: TargetBatch, split: torch.Tensor, min_saving: float = 0.2,
+                kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> SuffixBatch | None:
+    """Run the tokens before ``split[i]`` of each row once (or take them from ``kv``, the full rows' keys and
+    values from :func:`forward_keeping_cache`) and return the suffix batch, or None when the model cannot
+    (encoder-decoder, no separate LM head) or the suffix would save less than ``min_saving`` of the tokens."""
+    if not _cacheable(model, batch):
         return None
+    base, _ = split_head(model)
+    ids, attn = batch.inputs["input_ids"], batch.inputs.get("attention_mask")
     dev = ids.device
     split = split.to(dev)
     lens = attn.sum(1)
@@ -61,14 +85,18 @@ def split_batch(model: PreTrainedModel, batch: TargetBatch, split: torch.Tensor,
     b = ids.shape[0]
     ar_p, ar_s = torch.arange(P, device=dev), torch.arange(S, device=dev)
     pre_mask = (ar_p[None] < split[:, None]).long()
-    pre_ids = torch.where(pre_mask.bool(), ids[:, :P], ids[:, :1])
-    # a row whose split is 0 has no prefix: let its padding attend to column 0 so no attention row is empty
-    # (the suffix never sees it: the suffix's mask keeps that column masked)
-    run_mask = pre_mask.clone()
-    run_mask[:, 0] = 1
-    with torch.no_grad():
-        out = base(input_ids=pre_ids, attention_mask=run_mask, position_ids=ar_p[None].expand(b, -1), use_cache=True)
-    kv = cache_kv(out.past_key_values)
+    if kv is not None:  # columns past a row's split are masked out below, whatever they hold
+        kv = [(k[:, :, :P], v[:, :, :P]) for k, v in kv]
+    else:
+        pre_ids = torch.where(pre_mask.bool(), ids[:, :P], ids[:, :1])
+        # a row whose split is 0 has no prefix: let its padding attend to column 0 so no attention row is empty
+        # (the suffix never sees it: the suffix's mask keeps that column masked)
+        run_mask = pre_mask.clone()
+        run_mask[:, 0] = 1
+        with torch.no_grad():
+            out = base(input_ids=pre_ids, attention_mask=run_mask, position_ids=ar_p[None].expand(b, -1),
+                       use_cache=True)
+        kv = cache_kv(out.past_key_values)
     cols = (split[:, None] + ar_s[None]).clamp(max=ids.shape[1] - 1)
     suf_mask = (ar_s[None] < (lens - split)[:, None]).long()
     inputs = {"input_ids": ids.gather(1, cols) * suf_mask + ids[:, :1] * (1 - suf_mask),
@@ -78,17 +106,17 @@ def split_batch(model: PreTrainedModel, batch: TargetBatch, split: torch.Tensor,
     return SuffixBatch(suffix, kv, cols)
 
 
-def cached_rows(model: PreTrainedModel, batch: TargetBatch, split: torch.Tensor,
-                full_logits: torch.Tensor) -> SuffixBatch | None:
+def cached_rows(model: PreTrainedModel, batch: TargetBatch, split: torch.Tensor, full_logits: torch.Tensor,
+                kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> SuffixBatch | None:
     """:func:`split_batch`, checked once per model: the suffix's target logits must match ``full_logits`` (the
     full batch's, from :func:`mend.scoring.forward_target_logits`, nothing added); if they do not, the model is
     run in full from then on, with a warning."""
     fp = fingerprint(model)
     if fp in _checked:
-        return split_batch(model, batch, split) if _checked[fp] else None
+        return split_batch(model, batch, split, kv=kv) if _checked[fp] else None
     mask = batch.target_mask
     try:  # an architecture whose forward takes no position ids or cache is run in full
-        rows = split_batch(model, batch, split)
+        rows = split_batch(model, batch, split, kv=kv)
         if rows is None:
             return None
         with torch.no_grad():

@@ -6,8 +6,12 @@ in every context template and optimised with Adam (as in the reference) on
 
 clamped to ‖δᵢ‖ ≤ clamp_norm_factor · ‖v₀ᵢ‖ (Meng et al. 2022, eq. 4 and reference code). The blocks below the
 edited one do not depend on δ: their output is computed once and every step runs only the blocks above. Nor do
-the tokens before each row's subject: they run once, their keys and values are kept, and every step runs only the
-rest of the row (``prefix_cache``, locate_edit.prefix). ``shrink_steps`` then scales each δ that met the stop down
+the tokens before each row's subject: the first full pass keeps their keys and values, and every step runs only the
+rest of the row (``prefix_cache``, locate_edit.prefix).
+
+The losses are separable, so many requests' rows share each step's forward and backward (``rows_per_step``);
+requests are grouped by the length of what follows their subject (little padding), and a request leaves the batch
+at its own stop, as when it is optimised alone: each δ is the one the request gets by itself. ``shrink_steps`` then scales each δ that met the stop down
 to the smallest fraction that still meets it (the last Adam step overshoots; an update's effect on other text
 grows with ‖δ‖, and in sequential use the excess of every edit adds up).
 
@@ -19,6 +23,7 @@ grows with ‖δ‖, and in sequential use the excess of every edit adds up).
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -27,14 +32,14 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from locate_edit.keys import last_token_index, subject_rows
-from locate_edit.prefix import cached_rows
+from locate_edit.prefix import SuffixBatch, cached_rows, forward_keeping_cache
 from mend.adapters import ModelAdapter
-from mend.adapters.partial import start_at_layer, supports_partial
+from mend.adapters.partial import block_output_len, start_at_layer, supports_partial
 from mend.config import NONNEGATIVE
 from mend.errors import ConfigError
 from mend.hooks import add_to_output, capture
 from mend.requests import EditRequest
-from mend.scoring import forward_target_logits, logprobs_at_targets, make_batch
+from mend.scoring import TargetBatch, forward_target_logits, index_rows, logprobs_at_targets, make_batch
 
 
 @dataclass
@@ -53,7 +58,9 @@ class ValueSettings:
     # forward passes; 0: off): the last Adam step overshoots, and in sequential use every edit's excess adds up
     shrink_steps: int = 0
     kl_prompt: str = "{} is a"
-    chunk: int = 8  # requests optimised together in one batch
+    # rows (requests × (templates + 1)) that share one forward and backward per step: the compute of a step grows
+    # with its rows, so on a CPU this only amortises the per-pass overhead; on a GPU raise it as memory allows
+    rows_per_step: int = 64
     # run the tokens before each row's subject once and keep their keys and values (locate_edit.prefix)
     prefix_cache: bool = True
 
@@ -68,7 +75,7 @@ class Realized:
     direction: torch.Tensor
     offset: torch.Tensor
 
-    def __getitem__(self, rows: slice) -> Realized:
+    def __getitem__(self, rows: slice | torch.Tensor) -> Realized:
         return Realized(self.direction[rows], self.offset[rows])
 
 
@@ -84,22 +91,44 @@ def optimize_values(
     model: PreTrainedModel, tok: PreTrainedTokenizerBase, adapter: ModelAdapter, requests: Sequence[EditRequest],
     templates: Sequence[str], module: nn.Module, layer: int, s: ValueSettings, realized: Realized | None = None,
 ) -> Values:
-    """δ for each request, optimised in chunks of ``s.chunk`` requests (each δ has its own loss terms); a progress
-    bar counts the requests when there is more than one chunk (a MEMIT batch of 100 takes minutes on a CPU)."""
+    """δ for each request. Requests run in groups of about ``s.rows_per_step`` rows (each δ has its own loss
+    terms, so a group's rows share one forward and backward per step), grouped by the length of what follows
+    their subject so that little is padding; a request that meets its stop leaves the group's later steps. A
+    progress bar counts the requests and shows the rows still active when there is more than one group."""
     from tqdm.auto import tqdm
 
     if s.stop_on not in STOP_ON:
         raise ConfigError(f"value.stop_on must be one of {', '.join(STOP_ON)}, got '{s.stop_on}'")
-    parts = []
-    with tqdm(total=len(requests), desc="v* optimisation", unit="request", leave=False,
-              disable=len(requests) <= s.chunk) as bar:
-        for i in range(0, len(requests), s.chunk):
-            chunk = requests[i : i + s.chunk]
-            part = None if realized is None else realized[i : i + s.chunk]
-            parts.append(_optimize_chunk(model, tok, adapter, chunk, templates, module, layer, s, part))
-            bar.update(len(chunk))
-    return Values(torch.cat([p.delta for p in parts]), torch.cat([p.init for p in parts]),
-                  [x for p in parts for x in p.steps], [x for p in parts for x in p.final_loss])
+    if s.rows_per_step < 1:
+        raise ConfigError(f"value.rows_per_step must be at least 1, got {s.rows_per_step}")
+    if not requests:
+        raise ConfigError("no edit requests to optimise values for")
+    n = len(requests)
+    per_group = max(1, s.rows_per_step // (len(templates) + 1))
+    groups = -(-n // per_group)  # as few as the budget allows, of even sizes
+    bounds = [n * g // groups for g in range(groups + 1)]
+    order = _by_suffix_length(tok, requests)
+    delta = init = None
+    steps, losses = [0] * n, [float("inf")] * n
+    with tqdm(total=n, desc="v* optimisation", unit="request", leave=False, disable=n <= per_group) as bar:
+        for lo, hi in itertools.pairwise(bounds):
+            idx = order[lo:hi]
+            part = None if realized is None else realized[torch.tensor(idx)]
+            got = _optimize_group(model, tok, adapter, [requests[i] for i in idx], templates, module, layer, s,
+                                  part, bar)
+            if delta is None:
+                delta, init = got.delta.new_zeros(n, got.delta.shape[1]), got.init.new_zeros(n, got.init.shape[1])
+            delta[idx], init[idx] = got.delta, got.init
+            for j, i in enumerate(idx):
+                steps[i], losses[i] = got.steps[j], got.final_loss[j]
+    return Values(delta, init, steps, losses)
+
+
+def _by_suffix_length(tok: PreTrainedTokenizerBase, requests: Sequence[EditRequest]) -> list[int]:
+    """Request indices by the number of tokens from the subject's last token to the target's end (stable)."""
+    texts, pos = subject_rows(tok, requests, ["{}"])
+    lens = [len(tok(t + r.target_new).input_ids) - p for t, p, r in zip(texts, pos, requests, strict=True)]
+    return sorted(range(len(requests)), key=lambda i: lens[i])
 
 
 def _rows(tok: PreTrainedTokenizerBase, requests: Sequence[EditRequest], templates: Sequence[str], kl_prompt: str):
@@ -117,8 +146,26 @@ def _rows(tok: PreTrainedTokenizerBase, requests: Sequence[EditRequest], templat
     return prompts, targets, torch.tensor(pos), torch.tensor(owner), torch.tensor(is_kl)
 
 
-def _optimize_chunk(model, tok, adapter, requests, templates, module, layer, s: ValueSettings,
-                    realized: Realized | None) -> Values:
+@dataclass
+class _Rows:
+    """The rows of the requests ``req`` (the group's indices, ascending) that a step runs."""
+
+    req: torch.Tensor  # (m,)
+    owner: torch.Tensor  # (rows,) position of each row's request in ``req``
+    rewrite: torch.Tensor  # (rows,) bool: a template row (the others are KL rows)
+    kl: torch.Tensor  # (m,) each request's KL row
+    first: torch.Tensor  # (m,) each request's bare-prompt row
+    counts: torch.Tensor  # (m,) template rows per request
+    batch: TargetBatch  # what the loss reads (targets, their positions)
+    suffix: SuffixBatch | None  # what the model runs, when the prefixes are cached
+    pos: torch.Tensor  # (rows,) where δ is added
+    hidden: torch.Tensor | None  # (rows, L, d) the edited block's input, for a partial forward
+    gain: torch.Tensor | float
+    offset: torch.Tensor | float
+
+
+def _optimize_group(model, tok, adapter, requests, templates, module, layer, s: ValueSettings,
+                    realized: Realized | None, bar) -> Values:
     prompts, targets, pos, owner, is_kl = _rows(tok, requests, templates, s.kl_prompt)
     batch = make_batch(tok, prompts, targets, model)
     dev = model.device
@@ -127,69 +174,97 @@ def _optimize_chunk(model, tok, adapter, requests, templates, module, layer, s: 
     block = adapter.block(layer)
     partial = supports_partial(adapter)
     with torch.no_grad(), capture({"m": module, "b": block}, inputs=True, outputs=True) as cap:
-        tlogits0 = forward_target_logits(model, batch)
+        if s.prefix_cache:
+            tlogits0, kv = forward_keeping_cache(model, batch)
+        else:
+            tlogits0, kv = forward_target_logits(model, batch), None
     out0 = cap["m"].output
     first = torch.tensor([owner.tolist().index(i) for i in range(n)], device=dev)  # bare-prompt row per request
+    kl_rows = is_kl.nonzero().squeeze(1)  # in request order
     init = out0[first, pos[first]].float()  # (n, d)
     hidden_in = cap["b"].input if partial else None
-    kl_rows = is_kl.nonzero().squeeze(1)
     kl_logp0 = torch.log_softmax(tlogits0[kl_rows, 0].float(), -1)
     gain, offset = 1.0, 0.0  # each row gets gain · (δ + offset): δ itself, or what the update will add there
     if realized is not None:  # (uᵀk_row)(δ + c)
         keys = cap["m"].input[torch.arange(len(owner), device=dev), pos].float()
         gain = (keys * realized.direction.to(dev)[owner]).sum(1, keepdim=True)
         offset = realized.offset.to(dev)[owner]
-
-    rows = cached_rows(model, batch, pos, tlogits0) if s.prefix_cache else None
+    suffix = cached_rows(model, batch, pos, tlogits0, kv) if s.prefix_cache else None
     step_pos = pos
-    if rows is not None:  # every step runs the rows from the subject's last token on (its suffix column 0)
+    if suffix is not None:  # every step runs the rows from the subject's last token on (its suffix column 0)
         step_pos = torch.zeros_like(pos)
-        hidden_in = rows.take(hidden_in) if partial else None
+        hidden_in = suffix.take(hidden_in) if partial else None
+    tuple_len = block_output_len(adapter, layer) if partial else None
 
-    delta = torch.zeros_like(init, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=s.lr)
-    max_norm = s.clamp_norm_factor * init.norm(dim=1)  # (n,)
-    counts = torch.bincount(owner[~is_kl], minlength=n).float()
-    steps, losses = [0] * n, [float("inf")] * n
-    ctx = start_at_layer(adapter, layer, hidden_in) if partial else contextlib.nullcontext()
+    def rows_of(active: torch.Tensor) -> _Rows:
+        """The rows of the requests still active."""
+        req = active.nonzero().squeeze(1)
+        sel = active[owner].nonzero().squeeze(1)
+        at = torch.full((len(owner),), -1, dtype=torch.long, device=dev)
+        at[sel] = torch.arange(len(sel), device=dev)
+        local = torch.full((n,), -1, dtype=torch.long, device=dev)
+        local[req] = torch.arange(len(req), device=dev)
+        rewrite = ~is_kl[sel]
+        return _Rows(
+            req, local[owner[sel]], rewrite, at[kl_rows[req]], at[first[req]],
+            torch.bincount(local[owner[sel]][rewrite], minlength=len(req)).float(),
+            index_rows(batch, sel), None if suffix is None else suffix.select(sel), step_pos[sel],
+            None if hidden_in is None else hidden_in[sel],
+            gain if isinstance(gain, float) else gain[sel], offset if isinstance(offset, float) else offset[sel])
 
-    def objective(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each request's loss and whether it meets the stop, with deltas ``d`` (n, d_model)."""
-        with add_to_output(module, (gain * (d[owner] + offset)).to(out0.dtype), step_pos):
+    def objective(d: torch.Tensor, r: _Rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss of each request of ``r`` and whether it meets the stop, with deltas ``d`` (n, d_model)."""
+        dr = d[r.req]
+        ctx = start_at_layer(adapter, layer, r.hidden, tuple_len) if partial else contextlib.nullcontext()
+        with ctx, add_to_output(module, (r.gain * (dr[r.owner] + r.offset)).to(out0.dtype), r.pos):
             # (rows, T, V) at target positions only
-            tlogits = forward_target_logits(model, batch if rows is None else rows.batch())
-        lp = logprobs_at_targets(tlogits, batch)  # (rows, T)
-        nll_row = -(lp.sum(1) / batch.target_mask.sum(1))
-        nll = torch.zeros(n, device=dev).index_add(0, owner[~is_kl], nll_row[~is_kl]) / counts
-        kl_logp = torch.log_softmax(tlogits[kl_rows, 0].float(), -1)
-        kl = (kl_logp.exp() * (kl_logp - kl_logp0)).sum(-1)  # KL(p ‖ p0), one per request
-        wd = d.norm(dim=1) / init.norm(dim=1) ** 2
+            tlogits = forward_target_logits(model, r.batch if r.suffix is None else r.suffix.batch())
+        lp = logprobs_at_targets(tlogits, r.batch)  # (rows, T)
+        nll_row = -(lp.sum(1) / r.batch.target_mask.sum(1))
+        nll = torch.zeros(len(r.req), device=dev).index_add(0, r.owner[r.rewrite], nll_row[r.rewrite]) / r.counts
+        kl_logp = torch.log_softmax(tlogits[r.kl, 0].float(), -1)
+        kl = (kl_logp.exp() * (kl_logp - kl_logp0[r.req])).sum(-1)  # KL(p ‖ p0), one per request
+        wd = dr.norm(dim=1) / init[r.req].norm(dim=1) ** 2
         per_req = nll + s.kl_factor * kl + s.weight_decay * wd
         watched = (nll if s.stop_on == "nll" else per_req).detach()
         met = watched < s.early_stop_loss
         if s.prompt_nll is not None:
-            met &= nll_row[first].detach() < s.prompt_nll
+            met &= nll_row[r.first].detach() < s.prompt_nll
         return per_req, met
 
-    with ctx:
-        met = torch.zeros(n, dtype=torch.bool, device=dev)
-        for step in range(s.steps):
-            per_req, met = objective(delta)
-            losses = per_req.tolist()
-            for i in range(n):
-                steps[i] = step + 1
-            if bool(met.all()) or step == s.steps - 1:
-                break
-            opt.zero_grad()
-            per_req.sum().backward()
-            opt.step()
-            with torch.no_grad():
-                scale = (max_norm / delta.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
-                delta.mul_(scale.unsqueeze(1))
-        if s.shrink_steps > 0 and bool(met.any()):
-            delta = _shrink(delta.detach(), met, objective, s.shrink_steps)
-            with torch.no_grad():
-                losses = objective(delta)[0].tolist()  # the loss of the δ returned
+    delta = torch.zeros_like(init, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=s.lr)
+    max_norm = s.clamp_norm_factor * init.norm(dim=1)  # (n,)
+    steps, losses = [0] * n, [float("inf")] * n
+    active = torch.ones(n, dtype=torch.bool, device=dev)
+    met_all = torch.zeros(n, dtype=torch.bool, device=dev)
+    everyone = rows = rows_of(active)
+    for step in range(s.steps):
+        per_req, met = objective(delta, rows)
+        for j, i in enumerate(rows.req.tolist()):
+            steps[i], losses[i] = step + 1, float(per_req[j])
+        met_all[rows.req] = met
+        done = met if step < s.steps - 1 else torch.ones_like(met)
+        if bool(done.any()):
+            bar.update(int(done.sum()))
+        if bool(done.all()):
+            break
+        opt.zero_grad()
+        per_req[~done].sum().backward()  # separable: a request's δ gets the gradient of its own loss only
+        kept = delta.detach().clone()
+        opt.step()
+        active[rows.req[done]] = False
+        with torch.no_grad():
+            scale = (max_norm / delta.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
+            delta.mul_(scale.unsqueeze(1))
+            delta[~active] = kept[~active]  # a request that met its stop keeps the δ it met it with
+        if bool(done.any()):
+            rows = rows_of(active)
+        bar.set_postfix(rows=int(len(rows.owner)), refresh=False)
+    if s.shrink_steps > 0 and bool(met_all.any()):
+        delta = _shrink(delta.detach(), met_all, lambda d: objective(d, everyone), s.shrink_steps)
+        with torch.no_grad():
+            losses = objective(delta, everyone)[0].tolist()  # the loss of the δ returned
     return Values(delta.detach(), init, steps, losses)
 
 

@@ -187,7 +187,23 @@ def editor_defaults(name: str) -> DictConfig | None:
     return OmegaConf.load(path) if path.exists() else None
 
 
+def editor_preset(preset: str, editor: str) -> DictConfig:
+    """The settings of ``configs/preset/<preset>.yaml`` for ``editor``."""
+    path = config_dir() / "preset" / f"{preset}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in (config_dir() / "preset").glob("*.yaml"))
+        raise ConfigError(f"unknown editor preset '{preset}' (known: {', '.join(known) or 'none'})")
+    section = OmegaConf.load(path).get(editor)
+    if section is None:
+        raise ConfigError(f"preset '{preset}' has no settings for editor '{editor}'")
+    return section
+
+
 def editor_layers(editor: str, model_name: str, model_type: str | None, user: dict[str, Any]) -> list[Any]:
-    """Config layers for an editor, lowest priority first: editor file, model file, user overrides."""
+    """Config layers for an editor, lowest priority first: editor file, model file, the preset the user names
+    (``preset=reference``: configs/preset/), user overrides."""
     mf = model_file_for(model_name, model_type)
-    return [editor_defaults(editor), (mf.editors.get(editor) if mf else None), user]
+    user = dict(user or {})
+    preset = user.pop("preset", None)
+    return [editor_defaults(editor), (mf.editors.get(editor) if mf else None),
+            (editor_preset(str(preset), editor) if preset else None), user]

@@ -92,6 +92,13 @@ def select_rows(batch: TargetBatch, lo: int, hi: int) -> TargetBatch:
                        batch.prompt_lens[lo:hi])
 
 
+def index_rows(batch: TargetBatch, rows: torch.Tensor) -> TargetBatch:
+    """The rows ``rows`` (indices) of a batch, padding kept."""
+    idx = rows.tolist()
+    return TargetBatch({k: v[rows] for k, v in batch.inputs.items()}, batch.target_ids[rows],
+                       batch.target_mask[rows], batch.logit_pos[rows], [batch.prompt_lens[i] for i in idx])
+
+
 def _pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     n = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), n), pad, dtype=torch.long)

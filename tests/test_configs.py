@@ -60,6 +60,51 @@ def test_repeats_are_found(tmp_path):
     assert _repeats("memit", {"mom2_weight": 500.0}) == []
 
 
+PRESET_FILES = sorted((config_dir() / "preset").glob("*.yaml"))
+MODEL_FACTS = ("layer", "layers", "mom2_weight")  # what a preset leaves to the model file
+
+
+def _keys(section, prefix=""):
+    for key, value in section.items():
+        if OmegaConf.is_dict(value):
+            yield from _keys(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
+
+
+@pytest.mark.parametrize("path", PRESET_FILES, ids=lambda p: p.name)
+def test_a_preset_sets_everything_the_model_files_change(path: Path):
+    """A preset reproduces its settings on every model: each setting a model file changes for an editor the
+    preset covers (except the model's layers and scale) is set by the preset too, so it cannot leak through."""
+    preset = OmegaConf.load(path)
+    editors = [e for e in preset if not str(e).startswith("_")]
+    assert editors
+    for editor in editors:
+        build_editor_config(editor, preset[editor])  # raises on unknown keys or wrong types
+        covered = set(_keys(preset[editor]))
+        for mf in MODEL_FILES:
+            section = OmegaConf.load(mf).get("editors", {}).get(editor)
+            if section is None:
+                continue
+            missing = {k for k in _keys(section) if k.split(".")[0] not in MODEL_FACTS} - covered
+            assert not missing, f"{path.name}: {editor} settings of {mf.name} the preset does not set: {missing}"
+
+
+def test_a_preset_layer_sits_between_the_model_file_and_the_user():
+    from mend.api import create_editor
+
+    default = create_editor("rome", "smollm2-135m").config
+    ref = create_editor("rome", "smollm2-135m", preset="reference").config
+    assert default.value.stop_on == "nll" and default.realized_values  # the model file's measured settings
+    assert ref.value.stop_on == "loss" and ref.value.early_stop_loss == 0.05 and not ref.realized_values
+    assert ref.layer == default.layer  # the layer stays the model's
+    assert create_editor("rome", "smollm2-135m", preset="reference", value={"steps": 7}).config.value.steps == 7
+    with pytest.raises(ConfigError, match="unknown editor preset 'nope'"):
+        create_editor("rome", "smollm2-135m", preset="nope")
+    with pytest.raises(ConfigError, match="no settings for editor 'ft'"):
+        create_editor("ft", "smollm2-135m", preset="reference")
+
+
 def test_model_file_lookup():
     assert model_file_for("smollm2-135m", "llama").n_layers == 30
     assert model_file_for("some-org/unknown-llama", "llama").family_default  # family default

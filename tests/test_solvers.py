@@ -365,3 +365,26 @@ def test_ridge_keeps_float32_and_one_key_writes_its_value():
     assert (dW @ u - d).norm() <= 1e-10 * d.norm()
     out = ridge_update(ridge_system(u.float(), 1.0), d.float())
     assert out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("solver", ["memit", "alphaedit"])
+def test_large_batch_solves_match_the_float64_definition(solver):
+    """Thousands of keys (n ≫ d_in, as in a 10,000-edit batch): the (d_in × d_in) solve from float32 keys and
+    residuals equals the float64 normal-equation definition."""
+    g = torch.Generator().manual_seed(3)
+    n = 3000
+    K = (torch.randn(D_IN, n, generator=g) * torch.linspace(0.1, 3.0, D_IN)[:, None]).float()
+    R = torch.randn(D_OUT, n, generator=g).float()
+    K64, R64 = K.double(), R.double()
+    eye = torch.eye(D_IN, dtype=F64)
+    if solver == "memit":
+        C = (K64 @ K64.T) / n + 0.1 * eye
+        got = memit_update(C, K, R, 50.0)
+        want = R64 @ K64.T @ torch.linalg.inv(K64 @ K64.T + 50.0 * C)
+    else:
+        P = null_space_projector(eye * torch.linspace(0.0, 1.0, D_IN, dtype=F64), 0.3)
+        got = alphaedit_update(P, K, R, None, 10.0)
+        want = R64 @ K64.T @ P @ torch.linalg.inv((K64 @ K64.T) @ P + 10.0 * eye)
+    assert got.dtype == torch.float32
+    # float64 throughout, returned in float32: the float32 rounding of the result dominates
+    assert torch.allclose(got.double(), want, rtol=0, atol=f32_tol(want.abs().max(), safety=2))
