@@ -59,6 +59,29 @@ def test_in_scope_rows_read_the_edit_in_context_and_the_others_are_untouched(tin
     assert torch.equal(_logits(model, tok, texts)[0], base)  # restored
 
 
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_cached_generation_stays_in_context_past_the_first_token(tiny, name):
+    """``generate`` with its cache: every new token of an in-scope prompt is predicted with the edit in context
+    (the base model on fact + prompt + the tokens so far), not only the first."""
+    model, tok = tiny(name)
+    editor = _editor(model, tok)
+    result = editor.edit(model, tok, REQS[:1])
+    enc = tok([REQS[0].text], return_tensors="pt")
+    fact = tok(fact_text(REQS[0]), add_special_tokens=False).input_ids
+    ids = torch.tensor([fact + enc.input_ids[0].tolist()])
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    kw = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": pad, "return_dict_in_generate": True,
+          "output_logits": True}
+    with torch.no_grad():
+        want = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
+        with edited(model, result):
+            got = model.generate(**enc, use_cache=True, **kw)
+    assert torch.equal(got.sequences[0, enc.input_ids.shape[1]:], want.sequences[0, ids.shape[1]:])
+    for g, w in zip(got.logits, want.logits, strict=True):
+        # one pass over fact + tokens against the base model's cached steps: a few eps × the logits' size
+        assert torch.allclose(g, w, rtol=0, atol=f32_tol(w.abs().max(), safety=FORWARD))
+
+
 def test_out_of_scope_inputs_get_exactly_the_base_logits(tiny):
     model, tok = tiny("tiny-llama")
     editor = _editor(model, tok, threshold=1.0)  # nothing can be in scope

@@ -1,11 +1,13 @@
 """The ``serac`` editor: the requests go into a memory; a forward patch on the base model's body classifies every
 input against the memory and, for inputs in an edit's scope, recomputes their hidden states with the edit's fact
 written before them (the counterfactual model is the base model conditioned on the edit in context). Inputs out of
-every edit's scope get exactly the base model's outputs. The weights are never changed."""
+every edit's scope get exactly the base model's outputs. The weights are never changed. In a cached generation
+the first pass decides the scope, and each later token of an in-scope row is computed in context too."""
 
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,19 +94,63 @@ def _has_past(past: Any) -> bool:
     return bool(get_len() > 0) if callable(get_len) else len(past) > 0
 
 
+@dataclass
+class _Scoped:
+    """The in-scope rows of a cached generation: each row's fact and its tokens so far."""
+
+    rows: list[int]
+    facts: list[list[int]]
+    tokens: list[torch.Tensor]
+
+
+def _in_context(forward: Callable[..., Any], facts: list[list[int]], tokens: list[torch.Tensor], last: list[int],
+                pad: int) -> list[torch.Tensor]:
+    """The base model's final hidden states of each ``tokens[j]`` read after ``facts[j]``: the last ``last[j]``
+    positions of each row (one uncached pass over fact + tokens)."""
+    ref = tokens[0]
+    length = max(len(f) + len(t) for f, t in zip(facts, tokens, strict=True))
+    ids = torch.full((len(facts), length), pad, dtype=ref.dtype, device=ref.device)
+    am = torch.zeros_like(ids)
+    for j, (f, t) in enumerate(zip(facts, tokens, strict=True)):
+        row = torch.cat([torch.tensor(f, dtype=ids.dtype, device=ids.device), t])
+        ids[j, : len(row)], am[j, : len(row)] = row, 1
+    ctx = forward(input_ids=ids, attention_mask=am, use_cache=False).last_hidden_state
+    return [ctx[j, len(f) + len(t) - k : len(f) + len(t)] for j, (f, t, k) in enumerate(zip(facts, tokens, last,
+                                                                                               strict=True))]
+
+
 def _scoped_forward(classifier: ScopeClassifier, memory: torch.Tensor, facts: list[list[int]], threshold: float,
                     pad: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     layer = classifier.cfg.layer
+    generations: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache object -> _Scoped
+
+    def later_step(forward: Callable[..., Any], kwargs: dict[str, Any], scoped: _Scoped) -> Any:
+        """A cached generation's next tokens: the cache serves the rows out of scope; the rows in scope are run
+        again in context with every token so far (no cache: their cache holds the prompt without the fact)."""
+        out = forward(**kwargs)
+        new = kwargs["input_ids"]
+        mask = kwargs.get("attention_mask")
+        keep = [mask[i, -new.shape[1]:].bool() if mask is not None else torch.ones_like(new[i], dtype=torch.bool)
+                for i in scoped.rows]
+        scoped.tokens = [torch.cat([t, new[i][k]]) for t, i, k in zip(scoped.tokens, scoped.rows, keep, strict=True)]
+        states = _in_context(forward, scoped.facts, scoped.tokens, [int(k.sum()) for k in keep], pad)
+        hidden = out.last_hidden_state.clone()
+        for i, k, h in zip(scoped.rows, keep, states, strict=True):
+            hidden[i, k] = h.to(hidden.dtype)
+        out.last_hidden_state = hidden
+        return out
 
     def wrap(forward: Callable[..., Any]) -> Callable[..., Any]:
         def patched(*args: Any, **kwargs: Any) -> Any:
             if len(args) == 1 and "input_ids" not in kwargs:  # GPT-2's head passes input_ids by position
                 args, kwargs = (), {**kwargs, "input_ids": args[0]}
             input_ids, attention_mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
-            if (args or input_ids is None or kwargs.get("inputs_embeds") is not None or kwargs.get("return_dict") is False
-                    or _has_past(kwargs.get("past_key_values"))):
-                # positional arguments, embeddings, tuples or a cached generation's later steps: the base model
-                return forward(*args, **kwargs)
+            past = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers ≥ 5.x: cache
+            if args or input_ids is None or kwargs.get("inputs_embeds") is not None or kwargs.get("return_dict") is False:
+                return forward(*args, **kwargs)  # positional arguments, embeddings, tuples: the base model
+            if _has_past(past):  # a cached generation's later steps
+                scoped = generations.get(past)
+                return forward(**kwargs) if scoped is None else later_step(forward, kwargs, scoped)
             wanted = kwargs.get("output_hidden_states")
             out = forward(**{**kwargs, "output_hidden_states": True})
             mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
@@ -115,18 +161,14 @@ def _scoped_forward(classifier: ScopeClassifier, memory: torch.Tensor, facts: li
             rows = (prob > threshold).nonzero().flatten().tolist()
             if not rows:
                 return out
-            seqs = [(i, facts[int(idx[i])], mask[i].bool()) for i in rows]
-            length = max(len(f) + int(m.sum()) for _, f, m in seqs)
-            ids = torch.full((len(seqs), length), pad, dtype=input_ids.dtype, device=input_ids.device)
-            am = torch.zeros_like(ids)
-            for j, (i, f, m) in enumerate(seqs):
-                row = torch.cat([torch.tensor(f, dtype=ids.dtype, device=ids.device), input_ids[i][m]])
-                ids[j, : len(row)], am[j, : len(row)] = row, 1
-            ctx = forward(input_ids=ids, attention_mask=am, use_cache=False).last_hidden_state
+            scoped = _Scoped(rows, [facts[int(idx[i])] for i in rows], [input_ids[i][mask[i].bool()] for i in rows])
+            states = _in_context(forward, scoped.facts, scoped.tokens, [len(t) for t in scoped.tokens], pad)
             hidden = out.last_hidden_state.clone()
-            for j, (i, f, m) in enumerate(seqs):
-                hidden[i, m] = ctx[j, len(f) : len(f) + int(m.sum())].to(hidden.dtype)
+            for i, h in zip(rows, states, strict=True):
+                hidden[i, mask[i].bool()] = h.to(hidden.dtype)
             out.last_hidden_state = hidden
+            if past is not None:  # generation goes on from this cache: keep the rows in scope for its next steps
+                generations[past] = scoped
             return out
 
         return patched
