@@ -1,6 +1,6 @@
 """Prefix caching for the v* optimisation. δ is added at each row's subject's last token, so in a causal model every
-position before it computes the same thing at every step: those positions run once, with their keys and values
-kept, and each step runs only the rest of the row (from the subject's last token on; on SmolLM2 about a third of
+position before it computes the same thing at every step: their keys and values are kept from the first full
+pass over the rows (which computes them anyway), and each step runs only the rest of the row (from the subject's last token on; on SmolLM2 about a third of
 the tokens of a context template row).
 
 Layout: row i's tokens before its split position ``p_i`` are the prefix (right-padded to ``P = max p_i``), the
@@ -36,7 +36,7 @@ class SuffixBatch:
     cols: torch.Tensor  # (B, S) column of each suffix token in the full batch (clamped at the row's end)
 
     def batch(self) -> TargetBatch:
-        return dataclasses.replace(self.suffix, inputs={**self.suffix.inputs, "past_key_values": kv_cache(self.kv)})
+        return dataclasses.replace(self.suffix, inputs={**self.suffix.inputs, "cache": kv_cache(self.kv)})
 
     def take(self, full: torch.Tensor) -> torch.Tensor:
         """(B, S, ...) suffix positions of a (B, L, ...) tensor computed on the full batch."""
@@ -63,18 +63,17 @@ def forward_keeping_cache(model: PreTrainedModel, batch: TargetBatch
         return forward_target_logits(model, batch), None
     cache = DynamicCache()
     logits = forward_target_logits(model, dataclasses.replace(
-        batch, inputs={**batch.inputs, "past_key_values": cache, "use_cache": True}))
+        batch, inputs={**batch.inputs, "cache": cache, "use_cache": True}))
     return logits, cache_kv(cache)
 
 
-def split_batch(model: PreTrainedModel, batch: TargetBatch, split: torch.Tensor, min_saving: float = 0.2,
-                kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> SuffixBatch | None:
-    """Run the tokens before ``split[i]`` of each row once (or take them from ``kv``, the full rows' keys and
-    values from :func:`forward_keeping_cache`) and return the suffix batch, or None when the model cannot
+def split_batch(model: PreTrainedModel, batch: TargetBatch, split: torch.Tensor,
+                kv: list[tuple[torch.Tensor, torch.Tensor]], min_saving: float = 0.2) -> SuffixBatch | None:
+    """The suffix batch of the tokens from ``split[i]`` on in each row, attending to the tokens before it through
+    ``kv`` (the full rows' keys and values from :func:`forward_keeping_cache`), or None when the model cannot
     (encoder-decoder, no separate LM head) or the suffix would save less than ``min_saving`` of the tokens."""
     if not _cacheable(model, batch):
         return None
-    base, _ = split_head(model)
     ids, attn = batch.inputs["input_ids"], batch.inputs.get("attention_mask")
     dev = ids.device
     split = split.to(dev)
@@ -82,21 +81,9 @@ def split_batch(model: PreTrainedModel, batch: TargetBatch, split: torch.Tensor,
     P, S = int(split.max()), int((lens - split).max())
     if P == 0 or S > (1 - min_saving) * ids.shape[1]:
         return None
-    b = ids.shape[0]
     ar_p, ar_s = torch.arange(P, device=dev), torch.arange(S, device=dev)
     pre_mask = (ar_p[None] < split[:, None]).long()
-    if kv is not None:  # columns past a row's split are masked out below, whatever they hold
-        kv = [(k[:, :, :P], v[:, :, :P]) for k, v in kv]
-    else:
-        pre_ids = torch.where(pre_mask.bool(), ids[:, :P], ids[:, :1])
-        # a row whose split is 0 has no prefix: let its padding attend to column 0 so no attention row is empty
-        # (the suffix never sees it: the suffix's mask keeps that column masked)
-        run_mask = pre_mask.clone()
-        run_mask[:, 0] = 1
-        with torch.no_grad():
-            out = base(input_ids=pre_ids, attention_mask=run_mask, position_ids=ar_p[None].expand(b, -1),
-                       use_cache=True)
-        kv = cache_kv(out.past_key_values)
+    kv = [(k[:, :, :P], v[:, :, :P]) for k, v in kv]  # a row's columns past its split are masked out below
     cols = (split[:, None] + ar_s[None]).clamp(max=ids.shape[1] - 1)
     suf_mask = (ar_s[None] < (lens - split)[:, None]).long()
     inputs = {"input_ids": ids.gather(1, cols) * suf_mask + ids[:, :1] * (1 - suf_mask),
@@ -107,16 +94,18 @@ def split_batch(model: PreTrainedModel, batch: TargetBatch, split: torch.Tensor,
 
 
 def cached_rows(model: PreTrainedModel, batch: TargetBatch, split: torch.Tensor, full_logits: torch.Tensor,
-                kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> SuffixBatch | None:
+                kv: list[tuple[torch.Tensor, torch.Tensor]] | None) -> SuffixBatch | None:
     """:func:`split_batch`, checked once per model: the suffix's target logits must match ``full_logits`` (the
     full batch's, from :func:`mend.scoring.forward_target_logits`, nothing added); if they do not, the model is
     run in full from then on, with a warning."""
+    if kv is None:
+        return None
     fp = fingerprint(model)
     if fp in _checked:
-        return split_batch(model, batch, split, kv=kv) if _checked[fp] else None
+        return split_batch(model, batch, split, kv) if _checked[fp] else None
     mask = batch.target_mask
     try:  # an architecture whose forward takes no position ids or cache is run in full
-        rows = split_batch(model, batch, split, kv=kv)
+        rows = split_batch(model, batch, split, kv)
         if rows is None:
             return None
         with torch.no_grad():

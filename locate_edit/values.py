@@ -11,7 +11,8 @@ rest of the row (``prefix_cache``, locate_edit.prefix).
 
 The losses are separable, so many requests' rows share each step's forward and backward (``rows_per_step``);
 requests are grouped by the length of what follows their subject (little padding), and a request leaves the batch
-at its own stop, as when it is optimised alone: each δ is the one the request gets by itself. ``shrink_steps`` then scales each δ that met the stop down
+at its own stop, as when it is optimised alone: each δ is the one the request gets by itself, up to rounding.
+``shrink_steps`` then scales each δ that met the stop down
 to the smallest fraction that still meets it (the last Adam step overshoots; an update's effect on other text
 grows with ‖δ‖, and in sequential use the excess of every edit adds up).
 
@@ -241,8 +242,8 @@ def _optimize_group(model, tok, adapter, requests, templates, module, layer, s: 
     everyone = rows = rows_of(active)
     for step in range(s.steps):
         per_req, met = objective(delta, rows)
-        for j, i in enumerate(rows.req.tolist()):
-            steps[i], losses[i] = step + 1, float(per_req[j])
+        for i, loss in zip(rows.req.tolist(), per_req.tolist(), strict=True):
+            steps[i], losses[i] = step + 1, loss
         met_all[rows.req] = met
         done = met if step < s.steps - 1 else torch.ones_like(met)
         if bool(done.any()):

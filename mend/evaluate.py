@@ -94,7 +94,8 @@ def editor_names(cfg: Any) -> list[str]:
 
 
 def per_editor_settings(cfg: Any, names: list[str]) -> dict[str, dict[str, Any]]:
-    """``editor.KEY`` goes to every listed editor whose config has KEY; ``settings.NAME.KEY`` to one editor."""
+    """``editor.KEY`` goes to every listed editor whose config has KEY (``editor.preset`` to every editor);
+    ``settings.NAME.KEY`` to one editor."""
     shared = {k: v for k, v in OmegaConf.to_container(cfg.editor, resolve=True).items() if k != "name"}
     own = OmegaConf.to_container(cfg.settings, resolve=True)
     unknown = [n for n in own if n not in names]
@@ -102,10 +103,10 @@ def per_editor_settings(cfg: Any, names: list[str]) -> dict[str, dict[str, Any]]
         raise ConfigError(f"settings for editors not in the run: {unknown}")
     out = {}
     for n in names:
-        keys = config_keys(editor_class(n).Config)
+        keys = [*config_keys(editor_class(n).Config), "preset"]
         out[n] = {k: v for k, v in shared.items() if k in keys} | dict(own.get(n) or {})
     for k in shared:
-        if not any(k in config_keys(editor_class(n).Config) for n in names):
+        if k != "preset" and not any(k in config_keys(editor_class(n).Config) for n in names):
             raise ConfigError(f"editor.{k} is not a setting of {', '.join(names)}")
     return out
 

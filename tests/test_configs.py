@@ -105,6 +105,16 @@ def test_a_preset_layer_sits_between_the_model_file_and_the_user():
         create_editor("ft", "smollm2-135m", preset="reference")
 
 
+def test_evaluate_passes_editor_preset_to_every_editor():
+    from mend.api import create_editor
+    from mend.evaluate import EvaluateCommand, editor_names, per_editor_settings
+
+    cfg = build_config(EvaluateCommand, ["editors=[rome,memit]", "editor.preset=reference"])
+    settings = per_editor_settings(cfg, editor_names(cfg))
+    assert settings == {"rome": {"preset": "reference"}, "memit": {"preset": "reference"}}
+    assert create_editor("rome", "smollm2-135m", **settings["rome"]).config.value.stop_on == "loss"
+
+
 def test_model_file_lookup():
     assert model_file_for("smollm2-135m", "llama").n_layers == 30
     assert model_file_for("some-org/unknown-llama", "llama").family_default  # family default

@@ -81,7 +81,7 @@ def test_weight_delta_hook_equals_changed_weight(tiny, name):
 def test_prefix_cached_rows_give_the_full_rows_logits(tiny, name):
     """The suffix rows, run on the cached prefix, predict the targets exactly as the full rows do; a row split at
     0 (no prefix) and rows of different lengths included, and the same with a vector added at the split token."""
-    from locate_edit.prefix import split_batch
+    from locate_edit.prefix import forward_keeping_cache, split_batch
     from mend.hooks import add_to_output
 
     model, tok = tiny(name)
@@ -89,9 +89,11 @@ def test_prefix_cached_rows_give_the_full_rows_logits(tiny, name):
     batch = make_batch(tok, ["Once upon a time the tower is in", "A", "The long prompt is in"],
                        [" Rome", " long target", " X"], model)
     split = torch.tensor([12, 0, 9])
-    rows = split_batch(model, batch, split, min_saving=0.0)
+    kept, kv = forward_keeping_cache(model, batch)
+    rows = split_batch(model, batch, split, kv, min_saving=0.0)
     assert rows is not None and rows.suffix.inputs["input_ids"].shape[1] < batch.inputs["input_ids"].shape[1]
     full = forward_target_logits(model, batch)
+    assert torch.equal(kept, full)  # keeping the cache does not change the pass
     mask = batch.target_mask
     # cached keys / values and shorter rows: other shapes, the same logits up to a few eps × their size
     tol = f32_tol(full[mask].abs().max(), safety=FORWARD)
@@ -108,15 +110,16 @@ def test_prefix_cached_rows_give_the_full_rows_logits(tiny, name):
 
 
 def test_prefix_caching_needs_a_decoder_and_a_saving(tiny):
-    from locate_edit.prefix import split_batch
+    from locate_edit.prefix import forward_keeping_cache, split_batch
 
     model, tok = tiny("tiny-t5")
     batch = make_batch(tok, ["The tower is in"], [" Rome"], model)
-    assert split_batch(model, batch, torch.tensor([5])) is None
+    assert forward_keeping_cache(model, batch)[1] is None
     model, tok = tiny("tiny-llama")
     batch = make_batch(tok, ["The tower is in"], [" Rome"], model)
-    assert split_batch(model, batch, torch.tensor([1])) is None  # saves one token of twenty
-    assert split_batch(model, batch, torch.tensor([0]), min_saving=0.0) is None  # nothing to cache
+    _, kv = forward_keeping_cache(model, batch)
+    assert split_batch(model, batch, torch.tensor([1]), kv) is None  # saves one token of twenty
+    assert split_batch(model, batch, torch.tensor([0]), kv, min_saving=0.0) is None  # nothing to cache
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
@@ -161,10 +164,10 @@ def test_prefix_caching_falls_back_to_full_rows_when_it_does_not_reproduce_them(
 
     monkeypatch.setattr(prefix, "_checked", {})
     monkeypatch.setattr(prefix, "split_batch", shifted)
-    full = forward_target_logits(model, batch)
-    assert prefix.cached_rows(model, batch, torch.tensor([12]), full) is None
+    full, kv = prefix.forward_keeping_cache(model, batch)
+    assert prefix.cached_rows(model, batch, torch.tensor([12]), full, kv) is None
     assert "does not reproduce" in caplog.text
-    assert prefix.cached_rows(model, batch, torch.tensor([12]), full) is None  # decided once per model
+    assert prefix.cached_rows(model, batch, torch.tensor([12]), full, kv) is None  # decided once per model
     monkeypatch.setattr(prefix, "_checked", {})
     monkeypatch.setattr(prefix, "split_batch", real)
-    assert prefix.cached_rows(model, batch, torch.tensor([12]), full) is not None
+    assert prefix.cached_rows(model, batch, torch.tensor([12]), full, kv) is not None

@@ -167,8 +167,10 @@ def _scoped_forward(classifier: ScopeClassifier, memory: torch.Tensor, facts: li
             for i, h in zip(rows, states, strict=True):
                 hidden[i, mask[i].bool()] = h.to(hidden.dtype)
             out.last_hidden_state = hidden
-            if past is not None:  # generation goes on from this cache: keep the rows in scope for its next steps
-                generations[past] = scoped
+            # generation goes on from this cache (the one passed in, or the one the body made): keep the rows in
+            # scope for its next steps. Beam search reorders the cache, not these rows: greedy and sampling only
+            for cache in {id(c): c for c in (past, getattr(out, "past_key_values", None)) if c is not None}.values():
+                generations[cache] = scoped
             return out
 
         return patched
