@@ -26,7 +26,8 @@ from mend.io import write_json
 from mend.models import load_model
 from mend.paths import under_data_root
 
-METRICS = ("efficacy", "generalization", "locality", "neighborhood", "edit_success", "drawdown_ppl", "seconds_per_edit")
+METRICS = ("efficacy", "generalization", "locality", "neighborhood", "edit_success", "drawdown_ppl", "seconds_per_edit",
+           "rejected_edits")
 DATA = "counterfact/counterfact-edit.json"
 
 

@@ -322,3 +322,23 @@ def test_groups_are_edited_together_in_single_mode(gpt2):
     # distinct groups with equal-looking ids are not merged; no group means one's own group
     ev2 = Evaluator(model, tok, cf_requests(3), "counterfact", progress=False)
     assert ev2.groups() == [[0], [1], [2]]
+
+
+class RefusingEditor(Editor):
+    """An editor whose guard refuses every update: no deltas, the reason in the diagnostics."""
+
+    name = "refusing"
+    Config = FTConfig
+
+    def edit(self, model, tokenizer, requests):
+        return EditResult({}, {"rejected": ["update of layer 1 rejected: ‖ΔW‖/‖W‖ = 9 > 1"]})
+
+
+def test_refused_updates_are_counted_and_said(gpt2, chunks, caplog):
+    """An edit the editor's guard refused is not silently scored as an edit: the run counts it and warns."""
+    model, tok = gpt2
+    ev = Evaluator(model, tok, cf_requests(2), "counterfact", chunks, EvalSettings(mode="batch"))
+    run = ev.run(RefusingEditor())
+    assert run.metrics["rejected_edits"] == 1
+    assert "refusing, 2 request(s): update of layer 1 rejected" in caplog.text
+    assert ev.run(ft()).metrics["rejected_edits"] == 0

@@ -65,6 +65,7 @@ class Evaluator:
         self.progress = progress
         self._pre: EditorRun | None = None
         self._refs: list[Reference] = []
+        self._rejected = 0
         self._pre_ppl: float | None = None
 
     # --- measurements ----------------------------------------------------------------------------------------
@@ -145,15 +146,21 @@ class Evaluator:
         self.pre()
         editor.prepare(self.model, self.tok)  # statistics and other caches: not part of seconds_per_edit
         editor.reset()
+        self._rejected = 0
         try:
-            return {"single": self._single, "batch": self._batch, "sequential": self._sequential}[mode](editor)
+            out = {"single": self._single, "batch": self._batch, "sequential": self._sequential}[mode](editor)
         finally:
             editor.reset()
+        out.metrics["rejected_edits"] = self._rejected  # edit calls whose update the editor's guard refused
+        return out
 
     def _edit(self, editor: Editor, idx: Sequence[int]) -> tuple[AppliedEdit, float]:
         t0 = time.perf_counter()
         result = editor.edit(self.model, self.tok, [self.requests[i] for i in idx])
         seconds = time.perf_counter() - t0
+        for reason in result.diagnostics.get("rejected") or []:  # said, not silently scored as an edit
+            self._rejected += 1
+            log.warning("%s, %d request(s): %s", editor.name, len(idx), reason)
         return apply_edit(self.model, result), seconds
 
     def _bar(self, n: int, desc: str) -> tqdm:
