@@ -151,7 +151,7 @@ class Evaluator:
             out = {"single": self._single, "batch": self._batch, "sequential": self._sequential}[mode](editor)
         finally:
             editor.reset()
-        out.metrics["rejected_edits"] = self._rejected  # edit calls whose update the editor's guard refused
+        out.metrics["rejected_edits"] = self._rejected  # updates the editor's guard refused (their requests unedited)
         return out
 
     def _edit(self, editor: Editor, idx: Sequence[int]) -> tuple[AppliedEdit, float]:
