@@ -1,7 +1,7 @@
 """Prefix caching for the v* optimisation. δ is added at each row's subject's last token, so in a causal model every
 position before it computes the same thing at every step: their keys and values are kept from the first full
-pass over the rows (which computes them anyway), and each step runs only the rest of the row (from the subject's last token on; on SmolLM2 about a third of
-the tokens of a context template row).
+pass over the rows (which computes them anyway), and each step runs only the rest of the row (from the subject's
+last token on; on SmolLM2 about a third of the tokens of a context template row).
 
 Layout: row i's tokens before its split position ``p_i`` are the prefix (right-padded to ``P = max p_i``), the
 rest is the suffix (right-padded). The suffix's attention mask spans prefix and suffix columns, its position ids

@@ -205,10 +205,10 @@ def _optimize_group(model, tok, adapter, requests, templates, module, layer, s: 
         at[sel] = torch.arange(len(sel), device=dev)
         local = torch.full((n,), -1, dtype=torch.long, device=dev)
         local[req] = torch.arange(len(req), device=dev)
-        rewrite = ~is_kl[sel]
+        rewrite, own = ~is_kl[sel], local[owner[sel]]
         return _Rows(
-            req, local[owner[sel]], rewrite, at[kl_rows[req]], at[first[req]],
-            torch.bincount(local[owner[sel]][rewrite], minlength=len(req)).float(),
+            req, own, rewrite, at[kl_rows[req]], at[first[req]],
+            torch.bincount(own[rewrite], minlength=len(req)).float(),
             index_rows(batch, sel), None if suffix is None else suffix.select(sel), step_pos[sel],
             None if hidden_in is None else hidden_in[sel],
             gain if isinstance(gain, float) else gain[sel], offset if isinstance(offset, float) else offset[sel])

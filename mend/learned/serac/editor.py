@@ -119,6 +119,16 @@ def _in_context(forward: Callable[..., Any], facts: list[list[int]], tokens: lis
                                                                                                strict=True))]
 
 
+def _replaced(out: Any, rows: list[int], positions: list[torch.Tensor], states: list[torch.Tensor]) -> Any:
+    """``out`` with the final hidden states of each row ``rows[j]`` at ``positions[j]`` (a mask) set to
+    ``states[j]``."""
+    hidden = out.last_hidden_state.clone()
+    for i, m, h in zip(rows, positions, states, strict=True):
+        hidden[i, m] = h.to(hidden.dtype)
+    out.last_hidden_state = hidden
+    return out
+
+
 def _scoped_forward(classifier: ScopeClassifier, memory: torch.Tensor, facts: list[list[int]], threshold: float,
                     pad: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     layer = classifier.cfg.layer
@@ -134,11 +144,7 @@ def _scoped_forward(classifier: ScopeClassifier, memory: torch.Tensor, facts: li
                 for i in scoped.rows]
         scoped.tokens = [torch.cat([t, new[i][k]]) for t, i, k in zip(scoped.tokens, scoped.rows, keep, strict=True)]
         states = _in_context(forward, scoped.facts, scoped.tokens, [int(k.sum()) for k in keep], pad)
-        hidden = out.last_hidden_state.clone()
-        for i, k, h in zip(scoped.rows, keep, states, strict=True):
-            hidden[i, k] = h.to(hidden.dtype)
-        out.last_hidden_state = hidden
-        return out
+        return _replaced(out, scoped.rows, keep, states)
 
     def wrap(forward: Callable[..., Any]) -> Callable[..., Any]:
         def patched(*args: Any, **kwargs: Any) -> Any:
@@ -163,10 +169,7 @@ def _scoped_forward(classifier: ScopeClassifier, memory: torch.Tensor, facts: li
                 return out
             scoped = _Scoped(rows, [facts[int(idx[i])] for i in rows], [input_ids[i][mask[i].bool()] for i in rows])
             states = _in_context(forward, scoped.facts, scoped.tokens, [len(t) for t in scoped.tokens], pad)
-            hidden = out.last_hidden_state.clone()
-            for i, h in zip(rows, states, strict=True):
-                hidden[i, mask[i].bool()] = h.to(hidden.dtype)
-            out.last_hidden_state = hidden
+            out = _replaced(out, rows, [mask[i].bool() for i in rows], states)
             # generation goes on from this cache (the one passed in, or the one the body made): keep the rows in
             # scope for its next steps. Beam search reorders the cache, not these rows: greedy and sampling only
             for cache in {id(c): c for c in (past, getattr(out, "past_key_values", None)) if c is not None}.values():
